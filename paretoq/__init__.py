@@ -1,0 +1,1 @@
+"""paretoq: Pareto-optimal mixed-precision quantization plans for Mixture-of-Experts models."""

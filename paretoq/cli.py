@@ -1,0 +1,125 @@
+"""`paretoq` subcommands: argument parsing only; each subcommand calls one library function.
+
+Exit codes: 0 success, 2 bad input (one line on stderr naming the problem and the fix), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from paretoq.errors import ParetoqError
+
+# Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
+PENDING = {
+    "probe": "run the sensitivity probes (usage, outliers, significance, cosine, sensitivity)",
+    "search": "search per-component bit widths under a budget (`paretoq search --budget 3.0`)",
+    "eval": "evaluate a plan: KL, perplexity and agreement against the full-precision model",
+    "quantize": "quantize a model with a plan and save a packed checkpoint",
+    "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
+    "bench": "benchmark paretoq's Triton kernels",
+    "generate": "generate text with a quantized checkpoint",
+    "dashboard": "open a study in optuna-dashboard",
+}
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="local Hugging Face model directory, or 'demo' (default)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own code to run")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from paretoq.models import load_model
+    from paretoq.models.summary import format_info, model_info
+
+    # Shapes come from the config alone (meta device): instant even for a 100B-parameter model.
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code, weights=False)
+    info = model_info(loaded, budget=args.budget)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=1))
+        return 0
+    print(format_info(info))
+    if args.components:
+        print()
+        print(f"{'key':60s} {'kind':7s} {'shape':>12s} {'params':>10s}")
+        for c in info.components:
+            print(f"{c.key:60s} {c.kind:7s} {'x'.join(map(str, c.shape)):>12s} {c.params:10,d}")
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from paretoq.zoo.train import TrainConfig, train_demo
+
+    cfg = replace(TrainConfig(), seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    stats = train_demo(Path(args.out), cfg)
+    print(
+        f"wrote {args.out}: held-out perplexity {stats['heldout_ppl']:.2f} (unigram baseline "
+        f"{stats['unigram_ppl']:.1f}), expert usage max/min per MoE layer "
+        f"{', '.join(f'{r:.2f}' for r in stats['usage_max_min_ratio'])}, {stats['seconds']:.0f} s"
+    )
+    return 0
+
+
+def _pending(name: str):
+    def run(args: argparse.Namespace) -> int:
+        raise ParetoqError(f"`paretoq {name}` is not yet available in this version; see `paretoq --help` for what is")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paretoq",
+        description="Pareto-optimal mixed-precision (2/3/4/8-bit) quantization plans for Mixture-of-Experts models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="the model's architecture, components, and what a budget means for it")
+    _add_model(p)
+    p.add_argument("--budget", type=float, default=3.0, help="average bits per weight to explain (default 3.0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--components", action="store_true", help="also list every component")
+    p.set_defaults(func=cmd_info)
+
+    for name, help_text in PENDING.items():
+        p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)
+        p.set_defaults(func=_pending(name))
+
+    p = sub.add_parser("zoo", help="the bundled demo model")
+    zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    t = zoo.add_parser("train", help="reproduce the demo MoE (seeded; ~25 minutes on 2 CPU cores)")
+    t.add_argument("--out", required=True, help="new directory to write the model into")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped model's)")
+    t.set_defaults(func=cmd_zoo_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Never reach for the hub: every model and tokenizer is local.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command not in PENDING:  # pending commands answer the same to any arguments
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return args.func(args)
+    except ParetoqError as exc:
+        print(f"paretoq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("paretoq: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # an internal failure: show everything
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The bundled demo MoE and how it was trained."""

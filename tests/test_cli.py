@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from paretoq.cli import PENDING, main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_info_table_on_the_demo(capsys):
+    code, out, err = run(capsys, "info")
+    assert code == 0
+    assert "deepseek_v3: 5 layers, 4 MoE layers, 8 routed experts, top-2" in out
+    for kind in ("attn", "dense", "shared", "expert"):
+        assert f"\n{kind} " in out
+    assert "routed experts hold" in out and "--budget 3:" in out
+
+
+def test_info_json_follows_the_contract(capsys):
+    code, out, _ = run(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["model_type"] == "deepseek_v3"
+    assert (info["num_layers"], info["num_experts"], info["top_k"]) == (5, 8, 2)
+    assert set(info["params_by_kind"]) == {"attn", "dense", "shared", "expert"}
+    by_kind = {}
+    for c in info["components"]:
+        assert set(c) >= {"key", "kind", "layer", "expert", "proj", "shape", "params"}
+        assert c["params"] == c["shape"][0] * c["shape"][1]
+        by_kind[c["kind"]] = by_kind.get(c["kind"], 0) + c["params"]
+    assert by_kind == info["params_by_kind"]
+    expert = next(c for c in info["components"] if c["kind"] == "expert")
+    assert expert["key"] == "model.layers.1.mlp.experts.0.gate_proj" and expert["shape"] == [256, 256]
+    assert next(c for c in info["components"] if c["kind"] == "attn")["expert"] is None
+
+
+def test_budget_arithmetic(capsys):
+    """What a budget leaves, checked by hand against params_by_kind."""
+    _, out, _ = run(capsys, "info", "--json", "--budget", "2.5")
+    info = json.loads(out)
+    p, b = info["params_by_kind"], info["budget"]
+    total, experts = sum(p.values()), p["expert"]
+    assert b["searched_params"] == total
+    assert b["rest_bits_if_experts_at_min"] == pytest.approx((2.5 * total - 2 * experts) / (total - experts))
+    assert b["expert_bits_if_rest_at_max"] == pytest.approx((2.5 * total - 8 * (total - experts)) / experts)
+    # the two extremes are consistent: the average over everything is the budget
+    avg = (2 * experts + b["rest_bits_if_experts_at_min"] * (total - experts)) / total
+    assert avg == pytest.approx(2.5)
+
+
+def test_info_on_a_saved_tiny_model(capsys, tiny_model_dir):
+    code, out, _ = run(capsys, "info", "--model", str(tiny_model_dir), "--components")
+    assert code == 0
+    assert "qwen2_moe: 2 layers, 2 MoE layers, 4 routed experts, top-2" in out
+    assert "model.layers.1.mlp.shared_expert.down_proj" in out
+
+
+def test_info_on_a_directory_that_is_not_a_model(capsys, tmp_path):
+    code, out, err = run(capsys, "info", "--model", str(tmp_path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "no config.json" in err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    code, _, err = run(capsys, "info", "--model", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert "model_type 't5'" in err and "supported: deepseek_v3, gpt_oss, llama" in err
+
+
+@pytest.mark.parametrize("command", sorted(PENDING))
+def test_pending_commands_exit_2(capsys, command):
+    code, _, err = run(capsys, command, "--budget", "3.0")
+    assert code == 2 and "not yet available" in err and err.count("\n") == 1
+
+
+def test_console_script_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "paretoq.cli", "info"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "deepseek_v3" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "paretoq.cli", "info", "--model", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("paretoq: error:")
