@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paretoq.data import token_stream
 from paretoq.errors import ParetoqError
 from paretoq.zoo import corpus
 
@@ -93,16 +94,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
-
-
-def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One token stream: documents joined by EOS."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(doc)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
@@ -198,8 +189,8 @@ def _train_into(out: Path, cfg: TrainConfig) -> dict:
 
     tokenizer = train_tokenizer([t for _, t in train_docs], cfg.vocab_size)
     tokenizer.save_pretrained(out)
-    train_stream = encode_documents(tokenizer, [t for _, t in train_docs])
-    heldout_stream = encode_documents(tokenizer, [t for _, t in shipped])
+    train_stream = token_stream(tokenizer, [t for _, t in train_docs])
+    heldout_stream = token_stream(tokenizer, [t for _, t in shipped])
 
     model = AutoModelForCausalLM.from_config(
         demo_model_config(len(tokenizer)), dtype=torch.float32, experts_implementation="grouped_mm"
