@@ -16,7 +16,6 @@ from paretoq.errors import ParetoqError
 
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
-    "probe": "run the sensitivity probes (usage, outliers, significance, cosine, sensitivity)",
     "search": "search per-component bit widths under a budget (`paretoq search --budget 3.0`)",
     "eval": "evaluate a plan: KL, perplexity and agreement against the full-precision model",
     "quantize": "quantize a model with a plan and save a packed checkpoint",
@@ -51,6 +50,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from paretoq.probes.run import format_summary, probe
+
+    result = probe(
+        model=args.model, calib=args.calib, out=args.out, calib_tokens=args.calib_tokens,
+        eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
+        device=args.device, use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
+    )
+    print(format_summary(result))
+    return 0
+
+
 def cmd_zoo_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -64,6 +75,22 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
         f"{', '.join(f'{r:.2f}' for r in stats['usage_max_min_ratio'])}, {stats['seconds']:.0f} s"
     )
     return 0
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN
+
+    p.add_argument("--calib", default="demo",
+                   help="calibration text: a .txt file, a .jsonl file with a 'text' field, or 'demo' (default)")
+    p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                   help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                   help=f"evaluation tokens kept out of calibration (default {DEFAULT_EVAL_TOKENS})")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"window length (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--seed", type=int, default=0, help="seed for the windows and every random choice (default 0)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing the on-disk cache")
 
 
 def _pending(name: str):
@@ -86,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--components", action="store_true", help="also list every component")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("probe", help="sensitivity probes: usage, outlier score, significance, block cosine score")
+    _add_model(p)
+    _add_data(p)
+    p.add_argument("--out", default="probes", help="directory for features.json, features.csv, probes.png")
+    p.set_defaults(func=cmd_probe)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

@@ -61,7 +61,7 @@ def read_documents(source: str | Path) -> list[str]:
     """The documents of ``demo``, a ``.txt`` file or a ``.jsonl`` file with a ``text`` field."""
     path = demo_text_path() if str(source) == DEMO else Path(source).expanduser()
     if not path.is_file():
-        raise ParetoqError(f"text file {str(source)!r} does not exist; pass --data a .txt or .jsonl file, or 'demo'")
+        raise ParetoqError(f"text file {str(source)!r} does not exist; pass --calib a .txt or .jsonl file, or 'demo'")
     if path.suffix == ".jsonl":
         docs = []
         with open(path, encoding="utf-8") as f:

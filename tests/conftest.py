@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests never write to the user's cache.
+os.environ["PARETOQ_CACHE"] = tempfile.mkdtemp(prefix="paretoq-test-cache-")
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -37,13 +40,11 @@ def tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **{**COMMON, **TINY[model_type]})
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        tiny_config(model_type), dtype=torch.float32, experts_implementation="eager"
-    )
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype, experts_implementation="eager")
     # Some routers start at zero (DeepSeek-V3) and would route every token alike: give them weights.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -86,7 +86,7 @@ def test_expert_views_reproduce_the_experts_forward():
         x = torch.randn(5, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
         for block in adapter.moe_blocks:
             for e in range(block.num_experts):
-                key = f"{block.path}.experts.{e}"
+                key = f"{block.experts_path}.{e}"
                 W = {p: adapter.weight(f"{key}.{p}") for p in ("gate_proj", "up_proj", "down_proj")}
                 b = {p: adapter.bias(f"{key}.{p}") for p in W}
                 gate = F.linear(x, W["gate_proj"], b["gate_proj"])

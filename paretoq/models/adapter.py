@@ -59,6 +59,7 @@ class MoEBlock:
 
     layer: int
     path: str  # module path of the block, e.g. "model.layers.3.mlp"
+    experts_path: str  # e.g. "model.layers.3.mlp.experts"; expert keys are "{experts_path}.{e}.{proj}"
     router: nn.Module
     experts: nn.Module
     num_experts: int
@@ -138,6 +139,7 @@ class Adapter:
         self.moe_blocks: list[MoEBlock] = []
         self._weights: dict[str, tuple[nn.Module, str, int | None]] = {}
         self._index: dict[str, Component] = {}
+        self.layers_prefix, self.layers = _decoder_layers(model)
         self._discover()
 
     # -- discovery --------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ class Adapter:
         self._weights[component.key] = (owner, proj, expert)
 
     def _discover(self) -> None:
-        prefix, layers = _decoder_layers(self.model)
+        prefix, layers = self.layers_prefix, self.layers
         top_k_default = getattr(self.model.config, "num_experts_per_tok", None)
         for i, layer in enumerate(layers):
             base = f"{prefix}.{i}"
@@ -181,11 +183,15 @@ class Adapter:
                     self._add(Component(key, "shared", i, None, rel, tuple(lin.weight.shape)), lin, rel, None)
             router = getattr(mlp, self.arch.router)
             top_k = getattr(router, "top_k", None) or top_k_default
-            self.moe_blocks.append(
-                MoEBlock(i, mlp_path, router, experts, experts.num_experts, int(top_k), tuple(shared_paths))
-            )
+            self.moe_blocks.append(MoEBlock(
+                i, mlp_path, f"{mlp_path}.{experts_name}", router, experts, experts.num_experts, int(top_k),
+                tuple(shared_paths),
+            ))
 
     # -- access -----------------------------------------------------------------------------------
+    def has(self, key: str) -> bool:
+        return key in self._index
+
     def component(self, key: str) -> Component:
         try:
             return self._index[key]
@@ -228,7 +234,7 @@ class Adapter:
 
     @property
     def num_layers(self) -> int:
-        return len(_decoder_layers(self.model)[1])
+        return len(self.layers)
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,67 @@
+"""On-disk caches and atomic writes.
+
+Entries live under ``$PARETOQ_CACHE`` (default ``~/.cache/paretoq``), keyed by a hash of
+everything the result depends on. Every file is written to a temporary name in the same directory
+and renamed into place, so a reader never sees half a file and a killed process leaves none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+# Bumped when what is cached changes meaning, so stale entries are never read.
+CACHE_VERSION = 1
+_EDGE_BYTES = 1 << 20
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PARETOQ_CACHE", Path.home() / ".cache" / "paretoq")).expanduser()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def digest(*parts) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    blob = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Hash of the config and of each weight file's size, head and tail.
+
+    Reading whole checkpoints (hundreds of GB for large MoEs) would take minutes; a retrained or
+    edited checkpoint changes its header (tensor offsets, metadata) or its bytes at the edges.
+    """
+    model_dir = Path(model_dir)
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_EDGE_BYTES))
+            if size > _EDGE_BYTES:
+                fh.seek(max(_EDGE_BYTES, size - _EDGE_BYTES))
+                h.update(fh.read())
+    return h.hexdigest()[:20]

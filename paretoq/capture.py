@@ -1,0 +1,320 @@
+"""One full-precision pass over the calibration tokens, with hooks that accumulate what the probes
+and GPTQ need, batch by batch (no layer's activations are kept beyond the batch that made them):
+
+- per MoE layer, the router's top-k expert ids and weights for every token;
+- per component input, the Hessian ``H = sum_x x x^T`` over the tokens the component actually sees
+  (a routed expert only the tokens routed to it; ``down_proj`` the expert's intermediate
+  activations) and the token count. Components that read the same tensor (q/k/v, MLA's
+  q_a/kv_a, an MLP's gate/up) share one Hessian, their input "site";
+- per MLP sublayer, a seeded sample of the residual-stream states entering and leaving it, for
+  the block cosine predictor.
+
+Hessians are sums, not means: GPTQ scales them by ``2 / tokens`` itself (``Capture.hessian`` and
+``Capture.tokens`` give both), so several captures can be added together.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from paretoq.cache import atomic_write, atomic_write_text
+from paretoq.data import TokenSet
+from paretoq.models import Adapter
+
+DEFAULT_BATCH_SIZE = 8
+# States kept per MLP sublayer for the cosine predictor: enough to fit a 2-layer FFN of a few
+# thousand weights and still hold a quarter out for scoring.
+DEFAULT_BLOCK_SAMPLES = 4096
+
+
+@dataclass
+class Routing:
+    top_k_index: torch.Tensor  # [T, k] int64, expert ids, in calibration-token order
+    top_k_weights: torch.Tensor  # [T, k] float32
+
+
+@dataclass
+class BlockStates:
+    inputs: torch.Tensor  # [n, H] residual stream entering the MLP sublayer
+    outputs: torch.Tensor  # [n, H] residual stream leaving it (input + the block's output)
+
+
+@dataclass
+class Capture:
+    token_ids: torch.Tensor  # [T] calibration tokens, flattened in the order of routing rows
+    routing: dict[int, Routing]  # MoE layer -> routing
+    hessians: dict[str, torch.Tensor]  # input site -> sum of x x^T, [in, in]
+    site: dict[str, str]  # component key -> input site
+    tokens: dict[str, int]  # component key -> tokens it saw
+    blocks: dict[int, BlockStates]  # layer -> sampled MLP-sublayer states
+    meta: dict = field(default_factory=dict)
+
+    def hessian(self, key: str) -> torch.Tensor:
+        return self.hessians[self.site[key]]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+    # -- persistence: safetensors for tensors, JSON beside it for the rest ---------------------
+    def save(self, path: Path) -> None:
+        """Write ``path`` (safetensors) and ``path.with_suffix('.json')``, each atomically."""
+        tensors = {"token_ids": self.token_ids.contiguous()}
+        for site, H in self.hessians.items():
+            tensors[f"hessian/{site}"] = H.contiguous()
+        for layer, r in self.routing.items():
+            tensors[f"routing/{layer}/index"] = r.top_k_index.contiguous()
+            tensors[f"routing/{layer}/weights"] = r.top_k_weights.contiguous()
+        for layer, b in self.blocks.items():
+            tensors[f"block/{layer}/inputs"] = b.inputs.contiguous()
+            tensors[f"block/{layer}/outputs"] = b.outputs.contiguous()
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+        index = {"site": self.site, "tokens": self.tokens, "meta": self.meta}
+        atomic_write_text(Path(path).with_suffix(".json"), json.dumps(index))
+
+    @classmethod
+    def load(cls, path: Path) -> Capture:
+        tensors = load_file(str(path))
+        index = json.loads(Path(path).with_suffix(".json").read_text())
+        hessians, routing, blocks = {}, {}, {}
+        for name, t in tensors.items():
+            kind, _, rest = name.partition("/")
+            if kind == "hessian":
+                hessians[rest] = t
+            elif kind == "routing":
+                layer, part = rest.split("/")
+                routing.setdefault(int(layer), {})[part] = t
+            elif kind == "block":
+                layer, part = rest.split("/")
+                blocks.setdefault(int(layer), {})[part] = t
+        return cls(
+            token_ids=tensors["token_ids"],
+            routing={k: Routing(v["index"], v["weights"]) for k, v in routing.items()},
+            hessians=hessians,
+            site=index["site"],
+            tokens=index["tokens"],
+            blocks={k: BlockStates(v["inputs"], v["outputs"]) for k, v in blocks.items()},
+            meta=index["meta"],
+        )
+
+
+def expert_intermediate(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert ``e``'s activation after the gate (the input of its down_proj), computed the way the
+    Experts module computes it: its own fused weights and its own ``_apply_gate``."""
+    if experts.has_gate:
+        W = experts.gate_up_proj[e]
+        out = x @ W if experts.is_transposed else F.linear(x, W)
+        if experts.has_bias:
+            out = out + experts.gate_up_proj_bias[e]
+        return experts._apply_gate(out)
+    W = experts.up_proj[e]
+    out = x @ W if experts.is_transposed else F.linear(x, W)
+    if experts.has_bias:
+        out = out + experts.up_proj_bias[e]
+    return experts.act_fn(out)
+
+
+def _accumulate(store: dict[str, torch.Tensor], site: str, x: torch.Tensor) -> None:
+    x = x.reshape(-1, x.shape[-1])
+    x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    H = x.T @ x
+    if site in store:
+        store[site] += H
+    else:
+        store[site] = H
+
+
+class _Recorder:
+    """The hooks of one capture pass and what they accumulate."""
+
+    def __init__(self, adapter: Adapter, block_positions: torch.Tensor, seq_len: int):
+        self.adapter = adapter
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.site: dict[str, str] = {}
+        self.tokens: dict[str, int] = {}
+        self.routing: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.block_in: dict[int, list[torch.Tensor]] = {}
+        self.block_out: dict[int, list[torch.Tensor]] = {}
+        self.block_positions = block_positions  # flat token positions to sample, sorted
+        self.seq_len = seq_len
+        self.batch_start = 0  # flat position of the current batch's first token
+        self._batch_sel: torch.Tensor | None = None
+        self._pending_in: dict[int, torch.Tensor] = {}
+        self._siblings: tuple[str, list[tuple[torch.Tensor, str]]] = ("", [])
+        self.handles: list = []
+
+    # Linear components: attention, dense MLP, shared experts
+    def linear_hook(self, key: str, parent: str):
+        def hook(module, args, output):
+            x = args[0]
+            name, seen = self._siblings
+            if name != parent:  # a new parent module: forget the previous one's inputs
+                seen = []
+                self._siblings = (parent, seen)
+            site = next((s for t, s in seen if t is x), None)
+            if site is None:  # first reader of this tensor: it owns the site
+                site = key
+                seen.append((x, site))
+                _accumulate(self.hessians, site, x)
+            self.site[key] = site
+            self.tokens[key] = self.tokens.get(key, 0) + x.numel() // x.shape[-1]
+
+        return hook
+
+    def experts_hook(self, layer: int, prefix: str, num_experts: int):
+        def hook(module, args, kwargs):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            hidden, index, weights = list(bound.values())[:3]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            self.routing.setdefault(layer, []).append((index.detach().cpu().long(), weights.detach().float().cpu()))
+            with torch.no_grad():
+                for e in range(num_experts):
+                    rows = (index == e).any(dim=-1).nonzero().squeeze(1)
+                    x = hidden[rows]
+                    keys = [f"{prefix}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+                    site_in, site_down = f"{prefix}.{e}.input", f"{prefix}.{e}.down_proj"
+                    if rows.numel():
+                        _accumulate(self.hessians, site_in, x)
+                        _accumulate(self.hessians, site_down, expert_intermediate(module, e, x))
+                    for key in keys:
+                        if self.adapter.has(key):
+                            self.site[key] = site_down if key.endswith("down_proj") else site_in
+                            self.tokens[key] = self.tokens.get(key, 0) + rows.numel()
+
+        return hook
+
+    # MLP sublayer states for the cosine predictor
+    def block_in_hook(self, layer: int):
+        def hook(module, args):
+            if self._batch_sel is not None and self._batch_sel.numel():
+                x = args[0].reshape(-1, args[0].shape[-1])
+                self._pending_in[layer] = x[self._batch_sel].detach().float().cpu()
+
+        return hook
+
+    def block_out_hook(self, layer: int):
+        def hook(module, args, output):
+            if layer not in self._pending_in:
+                return
+            y = output[0] if isinstance(output, tuple) else output
+            y = y.reshape(-1, y.shape[-1])[self._batch_sel].detach().float().cpu()
+            x = self._pending_in.pop(layer)
+            self.block_in.setdefault(layer, []).append(x)
+            self.block_out.setdefault(layer, []).append(x + y)  # the decoder layer's residual add
+
+        return hook
+
+    def start_batch(self, batch_tokens: int) -> None:
+        lo, hi = self.batch_start, self.batch_start + batch_tokens
+        pos = self.block_positions
+        self._batch_sel = pos[(pos >= lo) & (pos < hi)] - lo
+        self._siblings = ("", [])
+
+    def end_batch(self, batch_tokens: int) -> None:
+        self.batch_start += batch_tokens
+        self._siblings = ("", [])  # release the held inputs
+
+    def attach(self) -> None:
+        a = self.adapter
+        modules = dict(a.model.named_modules())
+        for c in a.components:
+            if c.kind != "expert":
+                parent = c.key.rsplit(".", 1)[0]
+                self.handles.append(modules[c.key].register_forward_hook(self.linear_hook(c.key, parent)))
+        for b in a.moe_blocks:
+            hook = self.experts_hook(b.layer, b.experts_path, b.num_experts)
+            self.handles.append(b.experts.register_forward_pre_hook(hook, with_kwargs=True))
+        for i, layer in enumerate(a.layers):
+            mlp = getattr(layer, a.arch.mlp, None)
+            norm = getattr(layer, "post_attention_layernorm", None)
+            if mlp is not None and norm is not None:
+                self.handles.append(norm.register_forward_pre_hook(self.block_in_hook(i)))
+                self.handles.append(mlp.register_forward_hook(self.block_out_hook(i)))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+@torch.no_grad()
+def capture(
+    adapter: Adapter,
+    calib: TokenSet,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    block_samples: int = DEFAULT_BLOCK_SAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> Capture:
+    """Run the full-precision model over ``calib`` once and return what the hooks accumulated."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    ids = calib.input_ids
+    total = ids.numel()
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
+    rec = _Recorder(adapter, positions, calib.seq_len)
+    rec.attach()
+    try:
+        for start in tqdm(range(0, ids.shape[0], batch_size), desc="capture", unit="batch", disable=not progress):
+            batch = ids[start : start + batch_size]
+            rec.start_batch(batch.numel())
+            model(batch.to(device), use_cache=False)
+            rec.end_batch(batch.numel())
+    finally:
+        rec.detach()
+    return Capture(
+        token_ids=ids.flatten().clone(),
+        routing={
+            layer: Routing(torch.cat([i for i, _ in parts]), torch.cat([w for _, w in parts]))
+            for layer, parts in rec.routing.items()
+        },
+        hessians={k: v.cpu() for k, v in rec.hessians.items()},
+        site=rec.site,
+        tokens=rec.tokens,
+        blocks={
+            layer: BlockStates(torch.cat(rec.block_in[layer]), torch.cat(rec.block_out[layer]))
+            for layer in rec.block_in
+        },
+        meta={"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": total,
+              "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed},
+    )
+
+
+def cached_capture(
+    loaded,
+    calib: TokenSet,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    block_samples: int = DEFAULT_BLOCK_SAMPLES,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[Capture, str, bool]:
+    """The capture of ``loaded`` over ``calib`` from the on-disk cache, or a new pass that fills it.
+
+    Keyed by the model's fingerprint, the calibration tokens, the dtype and the sampling settings.
+    Returns (capture, cache key, whether it came from the cache). An unreadable entry is recomputed.
+    """
+    from paretoq.cache import cache_root, digest, model_fingerprint
+
+    dtype = str(next(loaded.model.parameters()).dtype)
+    key = digest("capture", model_fingerprint(loaded.path), calib.fingerprint(), dtype, block_samples, seed)
+    path = cache_root() / "captures" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            return Capture.load(path), key, True
+        except Exception:  # truncated or corrupt entry: recompute below and overwrite it
+            pass
+    result = capture(loaded.adapter, calib, batch_size, block_samples, seed, progress)
+    if use_cache:
+        result.save(path)
+    return result, key, False
