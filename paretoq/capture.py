@@ -290,6 +290,14 @@ def capture(
     )
 
 
+def capture_key(loaded, calib: TokenSet, block_samples: int = DEFAULT_BLOCK_SAMPLES, seed: int = 0) -> str:
+    """The cache key of a capture; ``loaded`` may be a meta-device model (no weights needed)."""
+    from paretoq.cache import digest, model_fingerprint
+
+    dtype = str(next(loaded.model.parameters()).dtype)
+    return digest("capture", model_fingerprint(loaded.path), calib.fingerprint(), dtype, block_samples, seed)
+
+
 def cached_capture(
     loaded,
     calib: TokenSet,
@@ -304,10 +312,9 @@ def cached_capture(
     Keyed by the model's fingerprint, the calibration tokens, the dtype and the sampling settings.
     Returns (capture, cache key, whether it came from the cache). An unreadable entry is recomputed.
     """
-    from paretoq.cache import cache_root, digest, model_fingerprint
+    from paretoq.cache import cache_root
 
-    dtype = str(next(loaded.model.parameters()).dtype)
-    key = digest("capture", model_fingerprint(loaded.path), calib.fingerprint(), dtype, block_samples, seed)
+    key = capture_key(loaded, calib, block_samples, seed)
     path = cache_root() / "captures" / f"{key}.safetensors"
     if use_cache and path.is_file():
         try:

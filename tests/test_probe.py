@@ -18,7 +18,7 @@ def test_probe_on_the_demo_writes_three_files_and_reuses_the_cache(tmp_path, cap
     assert {r["kind"] for r in rows} == {"attn", "dense", "shared", "expert"}
     assert set(data["blocks"]) == {"0", "1", "2", "3", "4"} and set(data["jenks"]) == {"1", "2", "3", "4"}
     assert main(["probe", "--out", str(out), "--calib-tokens", "4096", "--eval-tokens", "1024"]) == 0
-    assert "capture from cache" in capsys.readouterr().out
+    assert "(from cache" in capsys.readouterr().out
     assert json.loads((out / "features.json").read_text()) == data
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest
-from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, cached_capture
+from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, cached_capture, capture_key
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
 from paretoq.models import load_model
 from paretoq.probes import cosine
@@ -50,15 +50,18 @@ def probe(
     """
     started = time.time()
     read_documents(calib)  # a bad text file fails before minutes of model loading
-    loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
-    cap, cap_key, cap_cached = cached_capture(loaded, sets.calib, batch_size, block_samples, seed, use_cache, progress)
+    # Keys come from the config, files and tokens: weights are loaded only when something is missing.
+    meta = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, weights=False)
+    sets = load_token_sets(meta.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
     settings = [alpha, seed, cosine.HIDDEN, cosine.STEPS, cosine.LR, cosine.WEIGHT_DECAY, cosine.HOLDOUT]
+    cap_key = capture_key(meta, sets.calib, block_samples, seed)
     feat_path = cache_root() / "features" / f"{digest('features', cap_key, settings)}.json"
-    feats_cached = use_cache and feat_path.is_file()
+    feats_cached = cap_cached = use_cache and feat_path.is_file()
     if feats_cached:
         features = Features.from_dict(json.loads(feat_path.read_text()))
     else:
+        loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        cap, _, cap_cached = cached_capture(loaded, sets.calib, batch_size, block_samples, seed, use_cache, progress)
         features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)
         features.meta.update(model=str(model), model_type=loaded.model.config.model_type)
         if use_cache:
@@ -81,6 +84,7 @@ def format_summary(result: ProbeResult) -> str:
         high = ",".join(map(str, f.jenks[layer]["high"])) if layer in f.jenks else "-"
         b = f.blocks[layer]
         lines.append(f"{layer:5d} {ratio:>13s} {high:>24s} {b.score:11.4f} {b.r2:6.2f}")
-    cached = "capture from cache" if result.capture_cached else "capture computed"
+    cached = "from cache" if result.features_cached else (
+        "capture from cache" if result.capture_cached else "capture computed")
     lines.append(f"wrote {', '.join(str(p) for p in result.files.values())} ({cached}, {result.seconds:.1f} s)")
     return "\n".join(lines)
