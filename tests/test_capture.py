@@ -104,3 +104,19 @@ def test_cached_capture_hits_and_misses():
     assert all(torch.equal(again.hessians[k], v) for k, v in first.hessians.items())
     _, key3, cached3 = cached_capture(loaded, TokenSet(_ids(2, 32, vocab=4096, seed=1), "test"), progress=False)
     assert not cached3 and key3 != key
+
+
+def test_every_component_of_every_architecture_gets_a_hessian(model_type):
+    adapter = get_adapter(tiny_model(model_type))
+    ids = _ids(n=4, seq=32)
+    cap = capture(adapter, TokenSet(ids, "test"), progress=False)
+    assert set(cap.site) == {c.key for c in adapter.components}
+    for c in adapter.components:
+        H = cap.hessian(c.key)
+        assert H.shape == (c.shape[1], c.shape[1])
+        if c.kind != "expert":
+            assert cap.tokens[c.key] == ids.numel() and H.diagonal().gt(0).all()
+    assert set(cap.routing) == {b.layer for b in adapter.moe_blocks}
+    for b in adapter.moe_blocks:  # every routed slot lands in exactly one expert's token count
+        slots = sum(cap.tokens[f"{b.experts_path}.{e}.gate_proj"] for e in range(b.num_experts))
+        assert slots == ids.numel() * b.top_k
