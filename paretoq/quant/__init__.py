@@ -1,0 +1,1 @@
+"""Quantizers (RTN, GPTQ), packed tensors, the on-disk quant cache, and sequential quantization."""

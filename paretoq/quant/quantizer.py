@@ -1,0 +1,88 @@
+"""Group-wise uniform quantization: the grid, round-to-nearest, and the quantized tensor type.
+
+A weight ``W [out, in]`` is split along the input dimension into groups of ``group_size``
+columns (``-1``: one group per row, i.e. per channel). Each row of each group has a scale and an
+integer zero point; a code ``q in [0, 2^bits)`` stands for ``scale * (q - zero)``. As in GPTQ's
+quantizer, the grid always contains 0 (the range is widened to include it) and the symmetric
+variant fixes ``zero = 2^(bits-1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    group_size: int = 128  # -1: per channel
+    sym: bool = False
+    act_order: bool = False
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # GPTQ's lazy-update block
+
+    def to_dict(self) -> dict:
+        return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
+                "damp": self.damp}
+
+
+@dataclass
+class QuantizedTensor:
+    """Integer codes with per-(row, group) scales and zero points; ``[..., out, in]`` (experts may batch)."""
+
+    codes: torch.Tensor  # uint8 [..., out, in], each in [0, 2^bits)
+    scales: torch.Tensor  # float32 [..., out, groups]
+    zeros: torch.Tensor  # float32 [..., out, groups], integers in [0, 2^bits)
+    bits: int
+    group_size: int  # columns per group (the full row when per channel)
+
+    def dequantize(self) -> torch.Tensor:
+        g = torch.arange(self.codes.shape[-1], device=self.codes.device) // self.group_size
+        return (self.codes.float() - self.zeros[..., g]) * self.scales[..., g]
+
+    def __getitem__(self, i) -> QuantizedTensor:
+        """One matrix of a batch (e.g. one expert)."""
+        return QuantizedTensor(self.codes[i], self.scales[i], self.zeros[i], self.bits, self.group_size)
+
+
+def group_columns(in_features: int, group_size: int) -> int:
+    """Columns per group: ``group_size``, or the whole row for ``-1``. Groups must tile the row."""
+    if group_size == -1 or group_size >= in_features:
+        return in_features
+    if in_features % group_size:
+        raise ValueError(f"input dimension {in_features} is not a multiple of group_size {group_size}")
+    return group_size
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of ``w [..., rows, cols]`` from its min and max (0 included)."""
+    maxq = 2**bits - 1
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid will do
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of ``w`` on the grid ``(scale, zero)``, broadcast over the last dimension."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn(W: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False) -> QuantizedTensor:
+    """Round-to-nearest on the group grid: the baseline GPTQ must beat. ``W [..., out, in]``."""
+    W = W.float()
+    cols = group_columns(W.shape[-1], group_size)
+    groups = W.reshape(*W.shape[:-1], -1, cols)  # [..., out, G, cols]
+    scale, zero = grid_params(groups, bits, sym)
+    codes = quantize_codes(groups, scale[..., None], zero[..., None], bits)
+    return QuantizedTensor(codes.reshape(W.shape).to(torch.uint8), scale, zero, bits, cols)
