@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -83,7 +83,7 @@ class Capture:
 
     @classmethod
     def load(cls, path: Path) -> Capture:
-        tensors = load_file(str(path))
+        tensors = load(Path(path).read_bytes())  # bytes, not a memory map: a damaged file raises
         index = json.loads(Path(path).with_suffix(".json").read_text())
         hessians, routing, blocks = {}, {}, {}
         for name, t in tensors.items():
@@ -131,6 +131,10 @@ def _accumulate(store: dict[str, torch.Tensor], site: str, x: torch.Tensor) -> N
         store[site] += H
     else:
         store[site] = H
+
+
+class _StopForward(Exception):
+    """Raised after the last layer a restricted capture needs: the rest of the pass is wasted work."""
 
 
 class _Recorder:
@@ -223,22 +227,30 @@ class _Recorder:
         self.batch_start += batch_tokens
         self._siblings = ("", [])  # release the held inputs
 
-    def attach(self) -> None:
+    def attach(self, layers: set[int] | None = None) -> None:
         a = self.adapter
         modules = dict(a.model.named_modules())
+        wanted = (lambda i: True) if layers is None else (lambda i: i in layers)
         for c in a.components:
-            if c.kind != "expert":
+            if c.kind != "expert" and wanted(c.layer):
                 parent = c.key.rsplit(".", 1)[0]
                 self.handles.append(modules[c.key].register_forward_hook(self.linear_hook(c.key, parent)))
         for b in a.moe_blocks:
+            if not wanted(b.layer):
+                continue
             hook = self.experts_hook(b.layer, b.experts_path, b.num_experts)
             self.handles.append(b.experts.register_forward_pre_hook(hook, with_kwargs=True))
         for i, layer in enumerate(a.layers):
             mlp = getattr(layer, a.arch.mlp, None)
             norm = getattr(layer, "post_attention_layernorm", None)
-            if mlp is not None and norm is not None:
+            if mlp is not None and norm is not None and wanted(i) and self.block_positions.numel():
                 self.handles.append(norm.register_forward_pre_hook(self.block_in_hook(i)))
                 self.handles.append(mlp.register_forward_hook(self.block_out_hook(i)))
+        if layers is not None and layers:
+            def stop(module, args, output):
+                raise _StopForward
+
+            self.handles.append(a.layers[max(layers)].register_forward_hook(stop))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -254,8 +266,13 @@ def capture(
     block_samples: int = DEFAULT_BLOCK_SAMPLES,
     seed: int = 0,
     progress: bool = True,
+    layers: set[int] | None = None,
 ) -> Capture:
-    """Run the full-precision model over ``calib`` once and return what the hooks accumulated."""
+    """Run the model over ``calib`` once and return what the hooks accumulated.
+
+    ``layers`` restricts the capture to those decoder layers, and the pass stops after the last of
+    them (sequential GPTQ captures one layer at a time through the partly quantized model).
+    """
     model = adapter.model
     device = next(model.parameters()).device
     ids = calib.input_ids
@@ -263,12 +280,15 @@ def capture(
     g = torch.Generator().manual_seed(seed)
     positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
     rec = _Recorder(adapter, positions, calib.seq_len)
-    rec.attach()
+    rec.attach(layers)
     try:
         for start in tqdm(range(0, ids.shape[0], batch_size), desc="capture", unit="batch", disable=not progress):
             batch = ids[start : start + batch_size]
             rec.start_batch(batch.numel())
-            model(batch.to(device), use_cache=False)
+            try:
+                model(batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
             rec.end_batch(batch.numel())
     finally:
         rec.detach()

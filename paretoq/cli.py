@@ -18,7 +18,6 @@ from paretoq.errors import ParetoqError
 PENDING = {
     "search": "search per-component bit widths under a budget (`paretoq search --budget 3.0`)",
     "eval": "evaluate a plan: KL, perplexity and agreement against the full-precision model",
-    "quantize": "quantize a model with a plan and save a packed checkpoint",
     "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "bench": "benchmark paretoq's Triton kernels",
     "generate": "generate text with a quantized checkpoint",
@@ -59,6 +58,22 @@ def cmd_probe(args: argparse.Namespace) -> int:
         device=args.device, use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
     )
     print(format_summary(result))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from paretoq.quant.sequential import quantize
+
+    r = quantize(
+        plan=args.plan, out=args.out, model=args.model, uniform=args.uniform, calib=args.calib,
+        calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
+        device=args.device, trust_remote_code=args.trust_remote_code,
+    )
+    print(f"wrote {r.out}: {len(r.plan.bits)} components at {r.avg_bits:.3f} average bits, "
+          f"{r.size_bytes / 1e6:.2f} MB of codes, scales and zeros ({r.seconds:.1f} s)")
+    if r.rtn_fallback:
+        print(f"{len(r.rtn_fallback)} components saw no calibration token and were rounded to nearest: "
+              f"{', '.join(r.rtn_fallback[:5])}{' ...' if len(r.rtn_fallback) > 5 else ''}")
     return 0
 
 
@@ -119,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--out", default="probes", help="directory for features.json, features.csv, probes.png")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("quantize", help="sequential GPTQ under a plan, saved as a packed checkpoint")
+    _add_model(p)
+    p.add_argument("--plan", help="plan.json (from `paretoq search`, or written by hand)")
+    p.add_argument("--uniform", type=int, help="instead of a plan: every component at this many bits (2, 3, 4 or 8)")
+    p.add_argument("--out", required=True, help="new directory for the checkpoint")
+    _add_data(p)
+    p.set_defaults(func=cmd_quantize)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

@@ -1,0 +1,128 @@
+"""Packed checkpoints: what `paretoq quantize` writes and `paretoq.load_quantized` reads.
+
+A checkpoint directory holds the model's ``config.json`` and tokenizer, the ``plan.json`` it was
+made from, ``quantization.json`` (format, settings, and per quantized component its bits, shape and
+group size) and ``model.safetensors`` with
+
+- ``<key>.qweight`` (int32, codes packed as in ``paretoq.quant.pack``), ``<key>.scales`` and
+  ``<key>.zeros`` (fp16, ``[out, groups]``) for each quantized component;
+- ``<key>.weight`` for each component the plan leaves in full precision;
+- every other tensor of the model (embeddings, norms, routers, biases, ...) under its own name.
+
+The fused expert tensors themselves are not stored: every slice of them is a component.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from paretoq.errors import ParetoqError
+from paretoq.models import Adapter, LoadedModel, get_adapter, load_tokenizer
+from paretoq.plan import Plan
+from paretoq.quant.pack import pack, unpack
+from paretoq.quant.quantizer import QuantizedTensor
+
+CHECKPOINT_FORMAT = "paretoq.quantized/1"
+
+
+def _component_params(adapter: Adapter) -> set[str]:
+    """State-dict names of the tensors that components slice (never stored as such)."""
+    names = {f"{c.key}.weight" for c in adapter.components if c.kind != "expert"}
+    for b in adapter.moe_blocks:
+        for p in ("gate_up_proj", "up_proj", "down_proj"):
+            if hasattr(b.experts, p):
+                names.add(f"{b.experts_path}.{p}")
+    return names
+
+
+def save_quantized(loaded: LoadedModel, plan: Plan, tensors: dict[str, QuantizedTensor], out: Path,
+                   dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write the checkpoint into a temporary sibling of ``out`` and rename it into place."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
+    adapter = loaded.adapter
+    skip = _component_params(adapter)
+    state = {}
+    for name, t in adapter.model.state_dict().items():
+        if name not in skip:
+            state[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    index = {}
+    for c in adapter.components:
+        if c.key in tensors:
+            q = tensors[c.key]
+            state[f"{c.key}.qweight"] = pack(q.codes, q.bits)
+            state[f"{c.key}.scales"] = q.scales.to(torch.float16).contiguous()
+            state[f"{c.key}.zeros"] = q.zeros.to(torch.float16).contiguous()
+            index[c.key] = {"bits": q.bits, "shape": list(c.shape), "group_size": q.group_size}
+        else:
+            state[f"{c.key}.weight"] = adapter.weight(c).detach().to(dtype).contiguous()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(tmp, 0o755)
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
+        (tmp / "quantization.json").write_text(json.dumps(
+            {"format": CHECKPOINT_FORMAT, "quant": plan.quant.to_dict(), "components": index}, indent=1) + "\n")
+        plan.save(tmp / "plan.json", adapter)
+        loaded.model.config.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_quantized(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not (path / "quantization.json").is_file():
+        raise ParetoqError(f"{path} is not a paretoq checkpoint (no quantization.json); make one with `paretoq quantize`")
+    index = json.loads((path / "quantization.json").read_text())
+    if index.get("format") != CHECKPOINT_FORMAT:
+        raise ParetoqError(f"{path} has checkpoint format {index.get('format')!r}; this paretoq reads {CHECKPOINT_FORMAT}")
+    return index, load_file(str(path / "model.safetensors"))
+
+
+def quantized_tensor(state: dict[str, torch.Tensor], key: str, info: dict) -> QuantizedTensor:
+    codes = unpack(state[f"{key}.qweight"], info["bits"], info["shape"][1])
+    return QuantizedTensor(codes, state[f"{key}.scales"].float(), state[f"{key}.zeros"].float(), info["bits"],
+                           info["group_size"])
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Rebuild a model from a packed checkpoint, with each component's dequantized weight in place.
+
+    (The runtime milestone will swap in modules that compute on the packed codes directly.)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    index, state = read_quantized(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
+    adapter = get_adapter(model)
+    rest = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
+    plain = {k: v for k, v in rest.items() if not adapter.has(k.removesuffix(".weight"))}
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    missing = set(missing) - _component_params(adapter)
+    if missing or unexpected:
+        raise ParetoqError(f"{path} does not match its config: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
+    for c in adapter.components:
+        if c.key in index["components"]:
+            adapter.set_weight(c, quantized_tensor(state, c.key, index["components"][c.key]).dequantize())
+        else:
+            adapter.set_weight(c, state[f"{c.key}.weight"])
+    model.to(device).eval()
+    return LoadedModel(model, load_tokenizer(path), adapter, str(path), path)
