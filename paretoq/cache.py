@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from paretoq.errors import ParetoqError
 
 # Bumped when what is cached changes meaning, so stale entries are never read.
 CACHE_VERSION = 1
@@ -36,6 +40,30 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to fill; when the block succeeds it is renamed to ``out``.
+
+    ``out`` must be new or empty: a directory never holds half a result, and nothing is overwritten.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(0o644)  # some writers (safetensors) create 0600 files; results are meant to be shared
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

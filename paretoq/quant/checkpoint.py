@@ -15,14 +15,12 @@ The fused expert tensors themselves are not stored: every slice of them is a com
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from paretoq.cache import atomic_directory
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, LoadedModel, get_adapter, load_tokenizer
 from paretoq.plan import Plan
@@ -45,9 +43,6 @@ def _component_params(adapter: Adapter) -> set[str]:
 def save_quantized(loaded: LoadedModel, plan: Plan, tensors: dict[str, QuantizedTensor], out: Path,
                    dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write the checkpoint into a temporary sibling of ``out`` and rename it into place."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
     adapter = loaded.adapter
     skip = _component_params(adapter)
     state = {}
@@ -64,10 +59,7 @@ def save_quantized(loaded: LoadedModel, plan: Plan, tensors: dict[str, Quantized
             index[c.key] = {"bits": q.bits, "shape": list(c.shape), "group_size": q.group_size}
         else:
             state[f"{c.key}.weight"] = adapter.weight(c).detach().to(dtype).contiguous()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_directory(out) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": CHECKPOINT_FORMAT})
         (tmp / "quantization.json").write_text(json.dumps(
             {"format": CHECKPOINT_FORMAT, "quant": plan.quant.to_dict(), "components": index}, indent=1) + "\n")
@@ -75,13 +67,6 @@ def save_quantized(loaded: LoadedModel, plan: Plan, tensors: dict[str, Quantized
         loaded.model.config.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            f.chmod(0o644)  # safetensors writes 0600; a checkpoint is meant to be shared
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paretoq.cache import atomic_directory
 from paretoq.data import token_stream
-from paretoq.errors import ParetoqError
 from paretoq.zoo import corpus
 
 EOS = "<|endoftext|>"
@@ -158,19 +156,8 @@ def unigram_ppl(train_stream: torch.Tensor, heldout_stream: torch.Tensor, vocab_
 
 def train_demo(out: Path, cfg: TrainConfig = TrainConfig()) -> dict:
     """Train into a temporary sibling of `out`, then rename it: `out` never holds half a model."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    try:
+    with atomic_directory(out) as tmp:
         stats = _train_into(tmp, cfg)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return stats
 
 
