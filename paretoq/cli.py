@@ -17,7 +17,6 @@ from paretoq.errors import ParetoqError
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
     "search": "search per-component bit widths under a budget (`paretoq search --budget 3.0`)",
-    "eval": "evaluate a plan: KL, perplexity and agreement against the full-precision model",
     "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "bench": "benchmark paretoq's Triton kernels",
     "generate": "generate text with a quantized checkpoint",
@@ -74,6 +73,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if r.rtn_fallback:
         print(f"{len(r.rtn_fallback)} components saw no calibration token and were rounded to nearest: "
               f"{', '.join(r.rtn_fallback[:5])}{' ...' if len(r.rtn_fallback) > 5 else ''}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from paretoq.eval_plans import eval_plans, format_report
+
+    report = eval_plans(
+        plans=args.plan or [], uniform=args.uniform or [], model=args.model, calib=args.calib,
+        calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
+        lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
+        device=args.device, use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
+        progress=not args.json,
+    )
+    if args.json:
+        rows = [p.to_dict() for p in report.plans]
+        if report.fp_lm_eval:
+            for r in rows:
+                r["lm_eval_fp"] = report.fp_lm_eval
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1))
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -142,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new directory for the checkpoint")
     _add_data(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="KL, perplexity and agreement of plans against the full-precision model")
+    _add_model(p)
+    p.add_argument("--plan", nargs="+", help="one or more plan.json files")
+    p.add_argument("--uniform", type=int, nargs="+", help="also evaluate every component at these widths")
+    p.add_argument("--lm-eval", metavar="TASKS",
+                   help="comma-separated lm-eval tasks run in-process and offline; 'demo' = the demo's two local tasks")
+    p.add_argument("--lm-eval-limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--json", action="store_true", help="print JSON (one object for one plan, else a list)")
+    _add_data(p)
+    p.set_defaults(func=cmd_eval)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

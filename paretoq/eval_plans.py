@@ -1,0 +1,127 @@
+"""`paretoq eval`: plans assembled from the quant cache, measured against the full-precision model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paretoq.capture import cached_capture
+from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
+from paretoq.errors import ParetoqError
+from paretoq.evaluate import Assembler, EvalResult, cached_reference, evaluate, run_lm_eval
+from paretoq.models import load_model
+from paretoq.plan import Plan
+from paretoq.quant.cache import QuantCache
+from paretoq.quant.quantizer import BITS
+
+
+@dataclass
+class PlanEval:
+    name: str
+    avg_bits: float
+    effective_bits: float
+    size_bytes: int
+    result: EvalResult
+    lm_eval: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"plan": self.name, "avg_bits": self.avg_bits, "effective_bits": self.effective_bits,
+             "size_bytes": self.size_bytes, **self.result.to_dict()}
+        if self.lm_eval:
+            d["lm_eval"] = self.lm_eval
+        return d
+
+
+@dataclass
+class EvalReport:
+    plans: list[PlanEval]
+    fp_lm_eval: dict = field(default_factory=dict)
+
+
+def expand_tasks(tasks: list[str]) -> list:
+    """Task names for lm-eval; ``demo`` stands for the demo's two local tasks."""
+    from paretoq.zoo.tasks import demo_tasks
+
+    out: list = []
+    for t in tasks:
+        out.extend(demo_tasks() if t == "demo" else [t])
+    return out
+
+
+def eval_plans(
+    plans: list[str | Path] = (),
+    uniform: list[int] = (),
+    model: str = "demo",
+    calib: str = "demo",
+    calib_tokens: int = DEFAULT_CALIB_TOKENS,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    seed: int = 0,
+    lm_eval: list[str] = (),
+    lm_eval_limit: int | None = None,
+    device: str = "cpu",
+    use_cache: bool = True,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> EvalReport:
+    """Evaluate plan files and/or uniform widths on the model's eval tokens (and lm-eval tasks)."""
+    named = [(str(p), Plan.load(p)) for p in plans]
+    for b in uniform:
+        if b not in BITS:
+            raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
+    if not named and not uniform:
+        raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
+    read_documents(calib)
+    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    named += [(f"uniform-{b}", Plan.uniform(loaded.adapter, b)) for b in uniform]
+    for _, plan in named:
+        plan.validate(loaded.adapter)  # every check before any work
+    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
+    ref = cached_reference(loaded, sets.eval, use_cache=use_cache)
+    cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=seed, use_cache=use_cache, progress=progress)
+    caches: dict = {}
+    tasks = expand_tasks(list(lm_eval))
+    report = EvalReport([])
+    if tasks:
+        report.fp_lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
+    for name, plan in named:
+        if plan.quant not in caches:
+            caches[plan.quant] = QuantCache(loaded.adapter, cap, cap_key, plan.quant)
+        cache = caches[plan.quant]
+        cache.fill(bits=tuple(sorted(set(plan.bits.values()))), progress=progress)
+        with Assembler(loaded.adapter, cache.weight).apply(plan.bits):
+            result = evaluate(loaded.model, ref)
+            scores = run_lm_eval(loaded.model, loaded.tokenizer, tasks, max_length=seq_len,
+                                 limit=lm_eval_limit) if tasks else {}
+        a = loaded.adapter
+        report.plans.append(PlanEval(name, plan.avg_bits(a), plan.effective_bits(a), plan.size_bytes(a), result, scores))
+    return report
+
+
+def _headline(metrics: dict) -> list[tuple[str, float]]:
+    """The metrics worth a column: lm-eval's own names without the ',none' filter suffix."""
+    return [(k.split(",")[0], v) for k, v in metrics.items() if k != "sample_len" and "stderr" not in k]
+
+
+def format_report(report: EvalReport) -> str:
+    cols = []
+    for task, metrics in (report.plans[0].lm_eval if report.plans else {}).items():
+        cols += [(task, m) for m, _ in _headline(metrics)]
+    head = f"{'plan':32s} {'avg bits':>8s} {'eff bits':>8s} {'KL':>10s} {'PPL':>8s} {'agree':>6s}"
+    head += "".join(f" {t.removeprefix('paretoq_demo_') + ':' + m:>22s}" for t, m in cols)
+    lines = [head]
+
+    def row(name, avg, eff, kl, ppl, agree, lm):
+        cells = "".join(f" {dict(_headline(lm.get(t, {}))).get(m, float('nan')):22.4f}" for t, m in cols)
+        return f"{name:32s} {avg:>8s} {eff:>8s} {kl:>10s} {ppl:8.3f} {agree:>6s}" + cells
+
+    if report.plans:
+        fp_ppl = report.plans[0].result.ppl_fp
+        lines.append(row("full precision", "-", "-", "0", fp_ppl, "1", report.fp_lm_eval))
+    for p in report.plans:
+        r = p.result
+        lines.append(row(p.name[-32:], f"{p.avg_bits:.3f}", f"{p.effective_bits:.3f}", f"{r.kl:.3g}", r.ppl,
+                         f"{r.agreement:.4f}", p.lm_eval))
+    if report.plans and not report.plans[0].result.exact_kl:
+        lines.append("KL from the fp top-k and tail mass: a lower bound on the full-vocabulary KL")
+    return "\n".join(lines)

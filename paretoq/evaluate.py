@@ -1,0 +1,213 @@
+"""Proxy evaluation of a candidate against the full-precision model, and the lm-eval bridge.
+
+The search's objective is the mean per-token ``KL(p_fp || p_q)`` of the next-token distributions
+on held-out eval tokens; perplexity and top-1 agreement are recorded beside it. The fp model's
+side (the *reference*) is computed once per (model, eval set) and cached on disk.
+
+Memory: the reference keeps the full fp log-probabilities (``tokens x vocab`` float32) while they
+fit in ``max_bytes`` (default 1 GiB: the demo needs 134 MB). Beyond that it keeps, per token, the
+fp top-``k`` log-probs and the tail mass ``1 - sum(top-k p)``, and KL is computed between the two
+distributions coarsened to those ``k + 1`` outcomes. That is a lower bound on the true KL (data
+processing inequality); the gap is exactly ``sum_t p_tail,t * KL(p(.|tail_t) || q(.|tail_t))``,
+the tail's own divergence weighted by its mass, which the tests check on the demo.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load, save_file
+
+from paretoq.cache import atomic_write, cache_root, digest, model_fingerprint
+from paretoq.data import TokenSet
+from paretoq.models import Adapter, LoadedModel
+
+DEFAULT_MAX_BYTES = 1 << 30
+DEFAULT_TOP_K = 256
+DEFAULT_BATCH_SIZE = 8
+
+
+@dataclass
+class Reference:
+    """The fp model's next-token distributions on the eval tokens (positions ``[:, :-1]``)."""
+
+    input_ids: torch.Tensor  # [N, T]
+    nll: float  # the fp model's mean next-token NLL
+    argmax: torch.Tensor  # [N, T-1] the fp model's top-1 prediction
+    logprobs: torch.Tensor | None = None  # [N, T-1, V] when exact
+    topk_index: torch.Tensor | None = None  # [N, T-1, k] otherwise
+    topk_logp: torch.Tensor | None = None
+    tail_logp: torch.Tensor | None = None  # [N, T-1] log of the mass outside the top-k
+
+    @property
+    def exact(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"input_ids": self.input_ids, "argmax": self.argmax, "nll": torch.tensor(self.nll, dtype=torch.float64)}
+        for name in ("logprobs", "topk_index", "topk_logp", "tail_logp"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> Reference:
+        return cls(t["input_ids"], float(t["nll"]), t["argmax"], t.get("logprobs"), t.get("topk_index"),
+                   t.get("topk_logp"), t.get("tail_logp"))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    kl: float
+    ppl: float
+    ppl_fp: float
+    agreement: float
+    tokens: int
+    exact_kl: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, ids.shape[0], batch_size):
+        yield ids[i : i + batch_size]
+
+
+@torch.no_grad()
+def _logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probs ``[B, T-1, V]`` in float32. Called without labels or router outputs, so
+    no auxiliary router loss can reach the perplexity."""
+    device = next(model.parameters()).device
+    logits = model(ids.to(device), use_cache=False).logits[:, :-1]
+    return F.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def compute_reference(model, eval_set: TokenSet, max_bytes: int = DEFAULT_MAX_BYTES, top_k: int = DEFAULT_TOP_K,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> Reference:
+    ids = eval_set.input_ids
+    vocab = model.config.vocab_size
+    exact = ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= max_bytes
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "argmax", "idx", "logp", "tail")}
+    nll_sum = 0.0
+    for batch in _batches(ids, batch_size):
+        lp = _logprobs(model, batch)
+        nll_sum -= lp.gather(-1, batch[:, 1:, None]).sum().item()
+        parts["argmax"].append(lp.argmax(-1))
+        if exact:
+            parts["logprobs"].append(lp)
+        else:
+            v, i = lp.topk(min(top_k, lp.shape[-1]), dim=-1)
+            parts["idx"].append(i.to(torch.int32))
+            parts["logp"].append(v)
+            parts["tail"].append(torch.log1p(-v.exp().sum(-1).clamp(max=1 - 1e-7)))
+    cat = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    return Reference(ids, nll_sum / ids[:, 1:].numel(), cat["argmax"], cat["logprobs"], cat["idx"], cat["logp"],
+                     cat["tail"])
+
+
+def cached_reference(loaded: LoadedModel, eval_set: TokenSet, max_bytes: int = DEFAULT_MAX_BYTES,
+                     top_k: int = DEFAULT_TOP_K, use_cache: bool = True) -> Reference:
+    """The reference from the cache, or computed (from the model's current, full-precision weights)."""
+    dtype = str(next(loaded.model.parameters()).dtype)
+    key = digest("reference", model_fingerprint(loaded.path), eval_set.fingerprint(), dtype, max_bytes, top_k)
+    path = cache_root() / "reference" / f"{key}.safetensors"
+    if use_cache and path.is_file():
+        try:
+            return Reference.from_tensors(load(path.read_bytes()))
+        except Exception:  # damaged entry: recompute and overwrite
+            pass
+    ref = compute_reference(loaded.model, eval_set, max_bytes, top_k)
+    if use_cache:
+        tensors = ref.tensors()
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    return ref
+
+
+def _kl_batch(ref: Reference, rows: slice, lq: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch's positions of KL(p || q)."""
+    if ref.exact:
+        lp = ref.logprobs[rows]
+        return (lp.exp() * (lp - lq)).sum()
+    idx, lp, tail = ref.topk_index[rows].long(), ref.topk_logp[rows], ref.tail_logp[rows]
+    lq_top = lq.gather(-1, idx)
+    lq_tail = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
+    return (lp.exp() * (lp - lq_top)).sum() + (tail.exp() * (tail - lq_tail)).sum()
+
+
+def evaluate(model, ref: Reference, batch_size: int = DEFAULT_BATCH_SIZE) -> EvalResult:
+    """KL to the reference, perplexity and top-1 agreement of ``model`` on the reference's tokens."""
+    ids = ref.input_ids
+    kl = nll = agree = 0.0
+    for start in range(0, ids.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        batch = ids[rows]
+        lq = _logprobs(model, batch)
+        kl += _kl_batch(ref, rows, lq).item()
+        nll -= lq.gather(-1, batch[:, 1:, None]).sum().item()
+        agree += (lq.argmax(-1) == ref.argmax[rows]).sum().item()
+    n = ids[:, 1:].numel()
+    return EvalResult(kl=max(kl / n, 0.0), ppl=math.exp(nll / n), ppl_fp=ref.ppl, agreement=agree / n, tokens=n,
+                      exact_kl=ref.exact)
+
+
+class Assembler:
+    """Swaps cached quantized weights into the live model and puts the originals back.
+
+    The first time a component is swapped its full-precision weight is copied (to CPU) once; every
+    restore copies it back, so after any number of candidates the model is bit-identical to the
+    original. Nothing else of the model is copied.
+    """
+
+    def __init__(self, adapter: Adapter, weight_of):
+        self.adapter = adapter
+        self.weight_of = weight_of  # (key, bits) -> dequantized [out, in] tensor, e.g. QuantCache.weight
+        self._originals: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def apply(self, bits: dict[str, int]) -> Iterator[None]:
+        try:
+            for key, b in bits.items():
+                if key not in self._originals:
+                    self._originals[key] = self.adapter.weight(key).detach().to("cpu", copy=True)
+                self.adapter.set_weight(key, self.weight_of(key, b))
+            yield
+        finally:
+            for key in bits:
+                if key in self._originals:
+                    self.adapter.set_weight(key, self._originals[key])
+
+
+def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,
+                limit: int | None = None) -> dict:
+    """Run lm-eval in-process on ``model`` (offline). ``tasks``: names or task config dicts.
+
+    Returns ``{task: {metric: value}}`` with lm-eval's own metric names (``acc,none`` ...).
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        from paretoq.errors import ParetoqError
+
+        raise ParetoqError("lm-eval is not installed; pip install 'paretoq[eval]' (lm-eval[hf])") from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    res = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(), num_fewshot=0, limit=limit,
+                          log_samples=False, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                          torch_random_seed=0, fewshot_random_seed=0)
+    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("alias")}
+            for task, metrics in res["results"].items()}
