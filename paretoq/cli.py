@@ -16,7 +16,6 @@ from paretoq.errors import ParetoqError
 
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
-    "search": "search per-component bit widths under a budget (`paretoq search --budget 3.0`)",
     "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "bench": "benchmark paretoq's Triton kernels",
     "generate": "generate text with a quantized checkpoint",
@@ -97,6 +96,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from paretoq.search import SearchConfig, run_search
+
+    bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
+    state = run_search(SearchConfig(
+        budget=args.budget, model=args.model, calib=args.calib, space=args.space, bits=bits, trials=args.trials,
+        timeout=args.timeout, seed=args.seed, study=args.study, storage=args.storage,
+        out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
+        eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    ))
+    if state.plan is not None:
+        m = state.plan.metrics
+        print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
+              f"(fp {m['ppl_fp']:.3f}), trial {m['trial']} ({m['source']})")
+    else:
+        print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
+    print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
+    storage = args.storage or "sqlite:///studies/paretoq.db"
+    print(f"inspect: optuna-dashboard {storage}")
+    return 0
+
+
 def cmd_zoo_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -173,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (one object for one plan, else a list)")
     _add_data(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="search per-component bit widths under a budget")
+    _add_model(p)
+    p.add_argument("--budget", type=float, default=3.0, help="ceiling on average bits per weight (default 3.0)")
+    p.add_argument("--trials", type=int, default=100, help="verified plans in the study, baselines included (default 100)")
+    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--space", default="default", help="search space: a bundled name (default, component, "
+                   "layer-experts, layer-projection) or a YAML file")
+    p.add_argument("--bits", help="restrict the bit choices, e.g. 2,3,4")
+    p.add_argument("--study", help="study name (default: <model>-<budget>bit)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/paretoq.db)")
+    p.add_argument("--out", help="output directory (default: studies/<study>)")
+    p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
+                   help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
+    p.add_argument("--jobs", type=int, default=1, help="parallel evaluation workers (1; run several processes to scale)")
+    _add_data(p)
+    p.set_defaults(func=cmd_search)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

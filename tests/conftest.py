@@ -68,3 +68,28 @@ def tiny_model_dir(tmp_path_factory):
     tiny_model("qwen2_moe").save_pretrained(path)
     load_tokenizer(demo_dir()).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_search_model_dir(tmp_path_factory):
+    """A tiny deepseek_v3 (dense first layer, shared and routed experts) that speaks the demo's
+    tokenizer, so searches, probes and evaluations run end to end in seconds."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from paretoq.models import load_tokenizer
+    from paretoq.models.loading import demo_dir
+
+    tok = load_tokenizer(demo_dir())
+    cfg = AutoConfig.for_model("deepseek_v3", **{**COMMON, **TINY["deepseek_v3"], "vocab_size": len(tok),
+                                                  "num_hidden_layers": 3, "bos_token_id": 0, "eos_token_id": 0,
+                                                  "pad_token_id": 0})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0 and p.dim() >= 2:
+                p.normal_(0, 0.5)
+    path = tmp_path_factory.mktemp("tiny_search")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -62,16 +62,26 @@ def probe(
     else:
         loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         cap, _, cap_cached = cached_capture(loaded, sets.calib, batch_size, block_samples, seed, use_cache, progress)
-        features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)
-        features.meta.update(model=str(model), model_type=loaded.model.config.model_type)
-        if use_cache:
-            atomic_write_text(feat_path, json.dumps(features.to_dict()))
+        features = cached_features(loaded, cap, cap_key, alpha, seed, use_cache)
     out = Path(out)
     files = {"json": out / "features.json", "csv": out / "features.csv", "png": out / "probes.png"}
     atomic_write_text(files["json"], json.dumps(features.to_dict(), indent=1) + "\n")
     atomic_write_text(files["csv"], features.to_csv())
     atomic_write(files["png"], lambda tmp: plot_features(features, tmp))
     return ProbeResult(features, files, cap_cached, feats_cached, time.time() - started)
+
+
+def cached_features(loaded, cap, cap_key: str, alpha: float = ALPHA, seed: int = 0, use_cache: bool = True) -> Features:
+    """The probe features of a capture, from the cache or computed (and cached)."""
+    settings = [alpha, seed, cosine.HIDDEN, cosine.STEPS, cosine.LR, cosine.WEIGHT_DECAY, cosine.HOLDOUT]
+    path = cache_root() / "features" / f"{digest('features', cap_key, settings)}.json"
+    if use_cache and path.is_file():
+        return Features.from_dict(json.loads(path.read_text()))
+    features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)
+    features.meta.update(model=str(loaded.name_or_path), model_type=loaded.model.config.model_type)
+    if use_cache:
+        atomic_write_text(path, json.dumps(features.to_dict()))
+    return features
 
 
 def format_summary(result: ProbeResult) -> str:

@@ -1,0 +1,31 @@
+"""Measured sensitivity: the KL of each group quantized alone at each width (everything else in
+full precision), on a subset of the eval windows. The knapsack baseline and the surrogate stand on it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tqdm import tqdm
+
+from paretoq.cache import atomic_write_text, cache_root, digest
+from paretoq.evaluate import Assembler, Reference, evaluate
+from paretoq.space import Group
+
+
+def measure_sensitivity(assembler: Assembler, groups: list[Group], ref: Reference, cache_key: str | None = None,
+                        progress: bool = True) -> dict[str, dict[int, float]]:
+    """``{group: {bits: KL}}``, cached on disk under ``cache_key`` (None: not cached)."""
+    path = cache_root() / "sensitivity" / f"{digest('sensitivity', cache_key, [g.name for g in groups])}.json" \
+        if cache_key else None
+    if path is not None and path.is_file():
+        raw = json.loads(path.read_text())
+        return {g: {int(b): v for b, v in d.items()} for g, d in raw.items()}
+    out: dict[str, dict[int, float]] = {}
+    jobs = [(g, b) for g in groups for b in g.choices]
+    for g, b in tqdm(jobs, desc="sensitivity", unit="eval", disable=not progress):
+        with assembler.apply({k: b for k in g.keys}):
+            out.setdefault(g.name, {})[b] = evaluate(assembler.adapter.model, ref).kl
+    if path is not None:
+        atomic_write_text(path, json.dumps(out))
+    return out

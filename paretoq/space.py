@@ -1,0 +1,122 @@
+"""Search spaces: which kinds are searched with which bit choices, and how components tie into groups.
+
+A space is a YAML file (bundled ones by name from ``search_spaces/``, or a path)::
+
+    name: default
+    granularity: expert        # component | expert | layer-experts | layer-projection
+    bits: {attn: [2, 3, 4, 8], dense: [2, 3, 4, 8], shared: [2, 3, 4, 8], expert: [2, 3, 4, 8]}
+
+A kind left out of ``bits`` is not searched (it stays in full precision). Granularity ties routed
+experts: ``component`` leaves every component alone, ``expert`` ties an expert's gate/up/down (and
+a shared expert's), ``layer-experts`` all routed experts of a layer, ``layer-projection`` each
+projection across a layer's routed experts. Attention and dense projections are always alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from paretoq.errors import ParetoqError
+from paretoq.models import Adapter
+from paretoq.quant.quantizer import BITS
+
+GRANULARITIES = ("component", "expert", "layer-experts", "layer-projection")
+SEARCHED_KINDS = ("attn", "dense", "shared", "expert")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    granularity: str
+    bits: dict[str, tuple[int, ...]]  # kind -> sorted bit choices
+
+
+@dataclass(frozen=True)
+class Group:
+    """The unit the search gives one bit width."""
+
+    name: str  # also the Optuna parameter name
+    kind: str
+    layer: int
+    keys: tuple[str, ...]
+    params: int
+    choices: tuple[int, ...]
+
+
+def bundled_spaces() -> dict[str, Path]:
+    from paretoq.search_spaces import path
+
+    return {p.stem: p for p in sorted(path().glob("*.yaml"))}
+
+
+def load_space(name_or_path: str = "default") -> SearchSpace:
+    spaces = bundled_spaces()
+    path = spaces.get(name_or_path) or Path(name_or_path)
+    if not path.is_file():
+        raise ParetoqError(
+            f"unknown search space {name_or_path!r}; pass one of {', '.join(spaces)} or a YAML file path"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParetoqError(f"search space {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ParetoqError(f"search space {path} must be a mapping with 'granularity' and 'bits'")
+    granularity = raw.get("granularity", "expert")
+    if granularity not in GRANULARITIES:
+        raise ParetoqError(f"search space {path} has granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}")
+    bits = raw.get("bits")
+    if not isinstance(bits, dict) or not bits:
+        raise ParetoqError(f"search space {path} needs 'bits': a mapping of kind to bit choices, e.g. expert: [2, 3, 4]")
+    clean = {}
+    for kind, choices in bits.items():
+        if kind not in SEARCHED_KINDS:
+            raise ParetoqError(f"search space {path} names kind {kind!r}; kinds are {', '.join(SEARCHED_KINDS)}")
+        if (not isinstance(choices, list) or not choices
+                or any(isinstance(b, bool) or b not in BITS for b in choices)):
+            raise ParetoqError(f"search space {path}: bits for {kind} must be a non-empty list from {list(BITS)}")
+        clean[kind] = tuple(sorted(set(choices)))
+    return SearchSpace(str(raw.get("name", path.stem)), granularity, clean)
+
+
+def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpace:
+    """The space with every kind's choices intersected with ``bits`` (the CLI's ``--bits``)."""
+    if not bits:
+        return space
+    new = {k: tuple(b for b in v if b in bits) for k, v in space.bits.items()}
+    empty = [k for k, v in new.items() if not v]
+    if empty:
+        raise ParetoqError(f"--bits {','.join(map(str, bits))} leaves no choice for {', '.join(empty)}; widen --bits")
+    return SearchSpace(space.name, space.granularity, new)
+
+
+def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
+    tied: dict[str, list] = {}
+    for c in adapter.components:
+        if c.kind not in space.bits:
+            continue
+        prefix, _, proj = c.key.rpartition(".")
+        if c.kind == "expert" and space.granularity != "component":
+            experts_path = prefix.rpartition(".")[0]
+            name = {"expert": prefix, "layer-experts": experts_path,
+                    "layer-projection": f"{experts_path}.*.{proj}"}[space.granularity]
+        elif c.kind == "shared" and space.granularity != "component":
+            name = prefix  # the shared expert's projections together
+        else:
+            name = c.key
+        tied.setdefault(name, []).append(c)
+    return [
+        Group(name, comps[0].kind, comps[0].layer, tuple(c.key for c in comps), sum(c.params for c in comps),
+              space.bits[comps[0].kind])
+        for name, comps in tied.items()
+    ]
+
+
+def min_max_bits(groups: list[Group]) -> tuple[float, float]:
+    total = sum(g.params for g in groups)
+    lo = sum(g.params * min(g.choices) for g in groups) / total
+    hi = sum(g.params * max(g.choices) for g in groups) / total
+    return lo, hi
