@@ -53,9 +53,14 @@ def plot_front(state, path) -> None:
     f = fd["front"]
     ax.step([p["avg_bits"] for p in f], [p["kl"] for p in f], where="post", color="#1b9e77", lw=1.5)
     ax.scatter([p["avg_bits"] for p in f], [p["kl"] for p in f], s=22, color="#1b9e77", label="verified front", zorder=3)
-    for b in fd["baselines"]:
+    # Heuristics matched to one budget pile up at the same average bits: stack their labels.
+    stack, last = 0, None
+    for b in sorted(fd["baselines"], key=lambda b: (round(b["avg_bits"], 1), b["kl"])):
         ax.scatter(b["avg_bits"], b["kl"], marker="x", s=40, color="#d95f02", zorder=4)
-        ax.annotate(b["name"], (b["avg_bits"], b["kl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        stack = stack + 1 if last is not None and abs(b["avg_bits"] - last) < 0.1 else 0
+        last = b["avg_bits"]
+        ax.annotate(b["name"], (b["avg_bits"], b["kl"]), fontsize=7, xytext=(6, 3 + 9 * stack), textcoords="offset points",
+                    arrowprops={"arrowstyle": "-", "color": "#999999", "lw": 0.5} if stack else None)
     if state.plan is not None:
         m = state.plan.metrics
         best = next(t for t in done if t.number == m["trial"])
