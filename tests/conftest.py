@@ -29,9 +29,11 @@ TINY = {
                     sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
     "llama": dict(intermediate_size=128),
     "qwen2": dict(intermediate_size=128),
+    "mistral": dict(intermediate_size=128),
+    "qwen3": dict(intermediate_size=128, head_dim=16),
 }
 MOE_TYPES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss"]
-DENSE_TYPES = ["llama", "qwen2"]
+DENSE_TYPES = ["llama", "qwen2", "mistral", "qwen3"]
 
 
 def tiny_config(model_type: str):

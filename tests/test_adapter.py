@@ -45,7 +45,7 @@ def test_keys_are_unique_and_kinds_match_the_architecture(model_type):
         "qwen2_moe": {"attn", "shared", "expert"},
         "qwen3_moe": {"attn", "dense", "expert"},  # mlp_only_layers=[0]
         "deepseek_v3": {"attn", "dense", "shared", "expert"},  # first_k_dense_replace=1
-        "llama": {"attn", "dense"}, "qwen2": {"attn", "dense"},
+        "llama": {"attn", "dense"}, "qwen2": {"attn", "dense"}, "mistral": {"attn", "dense"}, "qwen3": {"attn", "dense"},
     }[model_type]
     assert kinds == expected
     for c in adapter.components:
