@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 
 from paretoq.probes.features import Features
-from paretoq.space import Group
+from paretoq.space import Group, avg_bits
 
 LOW, HIGH = 2, 4  # QuantMoE-Bench's two widths
 MOEPTQ_SEEDS = (0, 1, 2)
@@ -34,11 +34,6 @@ def _snap(group: Group, bits: int) -> int:
     """The group's largest choice not above ``bits`` (its smallest if none is)."""
     fits = [b for b in group.choices if b <= bits]
     return max(fits) if fits else min(group.choices)
-
-
-def avg_bits(groups: list[Group], bits: dict[str, int]) -> float:
-    total = sum(g.params for g in groups)
-    return sum(g.params * bits[g.name] for g in groups) / total
 
 
 def uniform(groups: list[Group], b: int) -> dict[str, int]:
@@ -64,9 +59,9 @@ def _attn(groups, shared: bool) -> dict[str, int]:
     return {g.name: _snap(g, HIGH if g.kind in up else LOW) for g in groups}
 
 
-def _feature(features: Features, g: Group, name: str, agg=max) -> float:
-    rows = features.by_key()
-    return agg(getattr(rows[k], name) for k in g.keys)
+def _feature(rows: dict, g: Group, name: str) -> float:
+    """The largest value of a feature over the group's components."""
+    return max(getattr(rows[k], name) for k in g.keys)
 
 
 def moqe(groups: list[Group], budget: float) -> dict[str, int]:
@@ -81,6 +76,7 @@ def heuristics(groups: list[Group], features: Features, budget: float) -> dict[s
     experts = [g for g in groups if g.kind == "expert"]
     layers = sorted({g.layer for g in experts})
     base = _attn(groups, shared=True)
+    rows = features.by_key()
     out = {f"uniform-{b}": uniform(groups, b) for b in (2, 3, 4, 8)}
     out["MoQE"] = moqe(groups, budget)
     out["+Attn"] = _attn(groups, shared=False)
@@ -88,13 +84,13 @@ def heuristics(groups: list[Group], features: Features, budget: float) -> dict[s
     if experts:
         # +Freq: per layer, experts by usage; round-robin so every layer gets its most used first
         by_layer = {layer: sorted((g for g in experts if g.layer == layer),
-                                  key=lambda g: -_feature(features, g, "usage")) for layer in layers}
+                                  key=lambda g: -_feature(rows, g, "usage")) for layer in layers}
         rr = [by_layer[layer][i] for i in range(max(len(v) for v in by_layer.values()))
               for layer in layers if i < len(by_layer[layer])]
         out["+Attn+Shared+Freq"] = _fill(groups, base, rr, budget)
         first = sorted(experts, key=lambda g: (g.layer, g.name))
         out["+Attn+Shared+FirstL"] = _fill(groups, base, first, budget)
-        outlier = sorted(experts, key=lambda g: -_feature(features, g, "outlier"))
+        outlier = sorted(experts, key=lambda g: -_feature(rows, g, "outlier"))
         out["LinearOSP"] = _fill(groups, base, outlier, budget)
         score = {layer: features.blocks[layer].score for layer in layers}
         important = sorted(experts, key=lambda g: (score[g.layer], g.name))  # low cosine = important
@@ -102,7 +98,7 @@ def heuristics(groups: list[Group], features: Features, budget: float) -> dict[s
         moqa = {g.name: _snap(g, 8 if g.kind == "shared" else HIGH) for g in groups if g.kind != "expert"}
         for g in experts:
             high = features.jenks.get(g.layer, {}).get("high", [])
-            members = {features.by_key()[k].expert for k in g.keys}
+            members = {rows[k].expert for k in g.keys}
             moqa[g.name] = _snap(g, HIGH if members & set(high) else LOW)
         out["MoQa"] = moqa
         for s in MOEPTQ_SEEDS:

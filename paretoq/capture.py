@@ -140,7 +140,7 @@ class _StopForward(Exception):
 class _Recorder:
     """The hooks of one capture pass and what they accumulate."""
 
-    def __init__(self, adapter: Adapter, block_positions: torch.Tensor, seq_len: int):
+    def __init__(self, adapter: Adapter, block_positions: torch.Tensor):
         self.adapter = adapter
         self.hessians: dict[str, torch.Tensor] = {}
         self.site: dict[str, str] = {}
@@ -149,7 +149,6 @@ class _Recorder:
         self.block_in: dict[int, list[torch.Tensor]] = {}
         self.block_out: dict[int, list[torch.Tensor]] = {}
         self.block_positions = block_positions  # flat token positions to sample, sorted
-        self.seq_len = seq_len
         self.batch_start = 0  # flat position of the current batch's first token
         self._batch_sel: torch.Tensor | None = None
         self._pending_in: dict[int, torch.Tensor] = {}
@@ -279,7 +278,7 @@ def capture(
     total = ids.numel()
     g = torch.Generator().manual_seed(seed)
     positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
-    rec = _Recorder(adapter, positions, calib.seq_len)
+    rec = _Recorder(adapter, positions)
     rec.attach(layers)
     try:
         for start in tqdm(range(0, ids.shape[0], batch_size), desc="capture", unit="batch", disable=not progress):

@@ -97,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from paretoq.search import SearchConfig, run_search
+    from paretoq.search import DEFAULT_STORAGE, SearchConfig, run_search
 
     bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
     state = run_search(SearchConfig(
@@ -114,7 +114,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
     print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
-    storage = args.storage or "sqlite:///studies/paretoq.db"
+    storage = args.storage or DEFAULT_STORAGE
     print(f"inspect: optuna-dashboard {storage}")
     return 0
 

@@ -102,14 +102,19 @@ def load_token_sets(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = DEFAULT_SEED,
+    documents: list[str] | None = None,
 ) -> TokenSets:
-    """Disjoint calibration and evaluation windows of ``seq_len`` tokens (sizes rounded up to whole windows)."""
+    """Disjoint calibration and evaluation windows of ``seq_len`` tokens (sizes rounded up to whole windows).
+
+    ``documents``: the text of ``source`` when the caller already read it (to fail fast on a bad
+    file before loading a model), so it is not read twice.
+    """
     if tokenizer is None:
         raise ParetoqError("the model directory has no tokenizer; save one beside the model (tokenizer.json)")
     for name, value in (("calib-tokens", calib_tokens), ("eval-tokens", eval_tokens), ("seq-len", seq_len)):
         if value <= 0:
             raise ParetoqError(f"--{name} must be positive, got {value}")
-    stream = token_stream(tokenizer, read_documents(source))
+    stream = token_stream(tokenizer, documents if documents is not None else read_documents(source))
     n_calib, n_eval = math.ceil(calib_tokens / seq_len), math.ceil(eval_tokens / seq_len)
     available = stream.numel() // seq_len
     if n_calib + n_eval > available:

@@ -71,12 +71,12 @@ def eval_plans(
             raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
     if not named and not uniform:
         raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
-    read_documents(calib)
+    docs = read_documents(calib)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     named += [(f"uniform-{b}", Plan.uniform(loaded.adapter, b)) for b in uniform]
     for _, plan in named:
         plan.validate(loaded.adapter)  # every check before any work
-    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
+    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     ref = cached_reference(loaded, sets.eval, use_cache=use_cache)
     cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=seed, use_cache=use_cache, progress=progress)
     caches: dict = {}

@@ -22,6 +22,7 @@ import optuna
 from tqdm import tqdm
 
 from paretoq import baselines as bl
+from paretoq import report
 from paretoq.capture import cached_capture
 from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets,
                           read_documents)
@@ -33,10 +34,11 @@ from paretoq.probes.run import cached_features
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
-from paretoq.space import Group, load_space, make_groups, min_max_bits, restrict_bits
+from paretoq.space import Group, component_bits, load_space, make_groups, min_max_bits, restrict_bits
 from paretoq.surrogate import Surrogate, build_tables, kendall_tau
 
 MODES = ("surrogate", "nsga2", "random")
+DEFAULT_STORAGE = "sqlite:///studies/paretoq.db"
 SURROGATE_SHARE = 0.7  # of each round; the rest is Optuna's NSGA-II exploring on its own
 
 
@@ -98,26 +100,26 @@ def run_search(cfg: SearchConfig) -> SearchState:
     if cfg.jobs != 1:
         raise ParetoqError("--jobs above 1 is not supported yet; run several `paretoq search` processes on one --storage")
     space = restrict_bits(load_space(cfg.space), cfg.bits)
-    read_documents(cfg.calib)
+    docs = read_documents(cfg.calib)
     # Shapes alone decide the groups: check the space against the budget before loading any weight.
     meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
-    meta_groups = make_groups(meta.adapter, space)
-    if not meta_groups:
+    groups = make_groups(meta.adapter, space)
+    if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
-    lo, _ = min_max_bits(meta_groups)
+    lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")
     loaded = load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    groups = make_groups(loaded.adapter, space)
     name = cfg.study or default_study_name(cfg.model, cfg.budget)
     out = Path(cfg.out) if cfg.out else Path("studies") / name
-    storage = cfg.storage or f"sqlite:///{Path('studies') / 'paretoq.db'}"
+    storage = cfg.storage or DEFAULT_STORAGE
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
 
     # -- setup: every step cached on disk ------------------------------------------------------
     t = time.time()
-    sets = load_token_sets(loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed)
+    sets = load_token_sets(loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
+                           documents=docs)
     ref = cached_reference(loaded, sets.eval)
     cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=cfg.seed, progress=cfg.progress)
     features = cached_features(loaded, cap, cap_key, seed=cfg.seed)
@@ -135,8 +137,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     timings["measured sensitivity"] = time.time() - t
     by_key = features.by_key()
     usage = {g.name: float(np.mean([by_key[k].usage for k in g.keys])) for g in groups}
-    loss = {(k, b): v for (k, b), v in cache.loss.items()}
-    tables = build_tables(groups, sensitivity, loss, usage)
+    tables = build_tables(groups, sensitivity, cache.loss, usage)
     surrogate = Surrogate(tables)
 
     # -- the study ----------------------------------------------------------------------------
@@ -165,8 +166,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         idx = {g.name: trial.suggest_int(g.name, 0, len(g.choices) - 1) for g in groups}
         genome = np.array([idx[g.name] for g in groups])
-        bits = tables.plan_bits(genome)
-        comp_bits = {k: bits[g.name] for g in groups for k in g.keys}
+        comp_bits = component_bits(groups, tables.plan_bits(genome))
         plan = Plan(comp_bits, settings)
         with assembler.apply(comp_bits):
             r = evaluate(loaded.model, ref)
@@ -182,30 +182,31 @@ def run_search(cfg: SearchConfig) -> SearchState:
             trial.set_user_attr(k, v)
         return r.kl, avg
 
-    def completed() -> list[optuna.trial.FrozenTrial]:
-        return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-
-    bar = tqdm(total=cfg.trials, initial=min(len(completed()), cfg.trials), desc="search", unit="trial",
+    done = report.completed(study)
+    bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="search", unit="trial",
                disable=not cfg.progress)
+    best_kl = min((t.values[0] for t in done if t.user_attrs.get("feasible")), default=math.inf)
 
-    def on_trial(study_, trial_) -> None:
+    def on_trial(study_, trial_: optuna.trial.FrozenTrial) -> None:
+        nonlocal best_kl
         bar.update(1)
-        feas = [t.values[0] for t in completed() if t.user_attrs.get("feasible")]
-        if feas:
-            bar.set_postfix(best_kl=f"{min(feas):.4g}")
+        if trial_.state == optuna.trial.TrialState.COMPLETE and trial_.user_attrs.get("feasible"):
+            best_kl = min(best_kl, trial_.values[0])
+        if best_kl < math.inf:
+            bar.set_postfix(best_kl=f"{best_kl:.4g}")
 
     t = time.time()
     taus: list[tuple[int, float]] = []
     round_no = 0
     deadline = started + cfg.timeout if cfg.timeout else None
     try:
-        while len(completed()) < cfg.trials and (deadline is None or time.time() < deadline):
-            remaining = cfg.trials - len(completed())
+        while len(report.completed(study)) < cfg.trials and (deadline is None or time.time() < deadline):
+            remaining = cfg.trials - len(report.completed(study))
             waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
             before = len(study.trials)  # enqueued proposals are appended as WAITING trials from here
             proposed = 0
             if cfg.mode == "surrogate" and not waiting:
-                done = completed()
+                done = report.completed(study)
                 genomes = np.array([[t.params[g.name] for g in groups] for t in done]) if done else np.zeros((0, len(groups)), int)
                 surrogate.fit(genomes, np.array([t.values[0] for t in done]))
                 seen = {gnm.astype(np.int64).tobytes() for gnm in genomes}
@@ -228,7 +229,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     timings["verified trials"] = time.time() - t
     timings["total"] = time.time() - started
 
-    done = completed()
+    done = report.completed(study)
     names = {}
     for bname, bits in baseline_bits.items():
         params = _genome_params(groups, bits)
@@ -240,13 +241,11 @@ def run_search(cfg: SearchConfig) -> SearchState:
     plan = None
     if best is not None:
         bits = tables.plan_bits(np.array([best.params[g.name] for g in groups]))
-        plan = Plan({k: bits[g.name] for g in groups for k in g.keys}, settings,
+        plan = Plan(component_bits(groups, bits), settings,
                     model={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
                     budget=cfg.budget, metrics={"kl": best.values[0], "ppl": best.user_attrs["ppl"],
                                                 "ppl_fp": ref.ppl, "agreement": best.user_attrs["agreement"],
                                                 "trial": best.number, "source": best.user_attrs.get("source")})
     state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus)
-    from paretoq.report import write_outputs
-
-    write_outputs(state, loaded.adapter)
+    report.write_outputs(state, loaded.adapter)
     return state

@@ -115,8 +115,18 @@ def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
     ]
 
 
-def min_max_bits(groups: list[Group]) -> tuple[float, float]:
+def avg_bits(groups: list[Group], bits: dict[str, int]) -> float:
+    """Average bits per weight of a group-level plan, weighted by parameter count."""
     total = sum(g.params for g in groups)
-    lo = sum(g.params * min(g.choices) for g in groups) / total
-    hi = sum(g.params * max(g.choices) for g in groups) / total
+    return sum(g.params * bits[g.name] for g in groups) / total
+
+
+def component_bits(groups: list[Group], bits: dict[str, int]) -> dict[str, int]:
+    """A group-level plan as the component key -> bits map a Plan holds."""
+    return {k: bits[g.name] for g in groups for k in g.keys}
+
+
+def min_max_bits(groups: list[Group]) -> tuple[float, float]:
+    lo = avg_bits(groups, {g.name: min(g.choices) for g in groups})
+    hi = avg_bits(groups, {g.name: max(g.choices) for g in groups})
     return lo, hi

@@ -49,13 +49,12 @@ def probe(
     (``eval_tokens`` is needed only to keep the evaluation windows out of them).
     """
     started = time.time()
-    read_documents(calib)  # a bad text file fails before minutes of model loading
+    docs = read_documents(calib)  # a bad text file fails before minutes of model loading
     # Keys come from the config, files and tokens: weights are loaded only when something is missing.
     meta = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, weights=False)
-    sets = load_token_sets(meta.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
-    settings = [alpha, seed, cosine.HIDDEN, cosine.STEPS, cosine.LR, cosine.WEIGHT_DECAY, cosine.HOLDOUT]
+    sets = load_token_sets(meta.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     cap_key = capture_key(meta, sets.calib, block_samples, seed)
-    feat_path = cache_root() / "features" / f"{digest('features', cap_key, settings)}.json"
+    feat_path = features_cache_path(cap_key, alpha, seed)
     feats_cached = cap_cached = use_cache and feat_path.is_file()
     if feats_cached:
         features = Features.from_dict(json.loads(feat_path.read_text()))
@@ -71,10 +70,15 @@ def probe(
     return ProbeResult(features, files, cap_cached, feats_cached, time.time() - started)
 
 
+def features_cache_path(cap_key: str, alpha: float, seed: int) -> Path:
+    """Where the features of a capture are cached, keyed by every setting they depend on."""
+    settings = [alpha, seed, cosine.HIDDEN, cosine.STEPS, cosine.LR, cosine.WEIGHT_DECAY, cosine.HOLDOUT]
+    return cache_root() / "features" / f"{digest('features', cap_key, settings)}.json"
+
+
 def cached_features(loaded, cap, cap_key: str, alpha: float = ALPHA, seed: int = 0, use_cache: bool = True) -> Features:
     """The probe features of a capture, from the cache or computed (and cached)."""
-    settings = [alpha, seed, cosine.HIDDEN, cosine.STEPS, cosine.LR, cosine.WEIGHT_DECAY, cosine.HOLDOUT]
-    path = cache_root() / "features" / f"{digest('features', cap_key, settings)}.json"
+    path = features_cache_path(cap_key, alpha, seed)
     if use_cache and path.is_file():
         return Features.from_dict(json.loads(path.read_text()))
     features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)

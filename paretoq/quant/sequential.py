@@ -74,13 +74,13 @@ def quantize(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
-    read_documents(calib)
+    docs = read_documents(calib)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     if the_plan is None:
         the_plan = Plan.uniform(loaded.adapter, uniform)
     the_plan.validate(loaded.adapter)  # every check before any work
     the_plan.model = {"name_or_path": str(model), "model_type": loaded.model.config.model_type}
-    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed)
+    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     q = sequential_gptq(loaded.adapter, the_plan, sets.calib, progress=progress)
     save_quantized(loaded, the_plan, q.tensors, out)
     return QuantizeResult(out, the_plan, the_plan.avg_bits(loaded.adapter), the_plan.size_bytes(loaded.adapter),

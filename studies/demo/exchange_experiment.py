@@ -16,7 +16,7 @@ from paretoq.probes.run import cached_features
 from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
 from paretoq.evaluate import Assembler, cached_reference, compute_reference, evaluate
-from paretoq.space import load_space, make_groups
+from paretoq.space import component_bits, load_space, make_groups
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq import baselines as bl
 fp = load_model("demo"); sets = load_token_sets(fp.tokenizer, "demo")
@@ -28,9 +28,8 @@ asm = Assembler(fp.adapter, cache.weight)
 groups = make_groups(fp.adapter, load_space("default"))
 sens = measure_sensitivity(asm, groups, sref, cache_key=f"{key}/{QuantSettings().to_dict()}/{sub.fingerprint()}", progress=False)
 total = sum(g.params for g in groups)
-def comp(bits): return {k: bits[g.name] for g in groups for k in g.keys}
 def kl(bits, r): 
-    with asm.apply(comp(bits)): return evaluate(fp.model, r).kl
+    with asm.apply(component_bits(groups, bits)): return evaluate(fp.model, r).kl
 for budget in (2.5, 3.0, 4.0):
     inc = bl.knapsack(groups, sens, budget)
     best = kl(inc, ref); print(budget, "knapsack", f"{best:.5g}", flush=True)
