@@ -89,3 +89,16 @@ def nsga2(evaluate: Evaluate, n_choices: np.ndarray, pop_size: int = 200, genera
         keep = np.lexsort((-crowd, ranks))[:pop_size]
         pop, F, V = allg[keep], allF[keep], allV[keep]
     return pop, F, V
+
+
+def hypervolume_2d(F: np.ndarray, reference: tuple[float, float]) -> float:
+    """Area dominated by the points ``F`` ([N, 2], both minimised) and bounded by ``reference``.
+    Points not strictly better than the reference in both objectives add nothing."""
+    F = np.asarray(F, float).reshape(-1, 2)
+    F = F[(F[:, 0] < reference[0]) & (F[:, 1] < reference[1])]
+    area, best_y = 0.0, reference[1]
+    for x, y in F[np.lexsort((F[:, 1], F[:, 0]))]:  # by the first objective, ties by the second
+        if y < best_y:
+            area += (reference[0] - x) * (best_y - y)
+            best_y = y
+    return area

@@ -4,9 +4,10 @@ Setup (each step cached on disk): capture, probe features, the quant cache at ev
 full-precision reference, and the measured sensitivity of every group. Then an Optuna study with
 two objectives (KL, average bits), both minimised, the budget as a constraint and NSGA-II passed
 explicitly. The seed papers' baselines and the knapsack are enqueued first, tagged. Then rounds:
-refit the surrogate on every verified trial, run NSGA-II on it, enqueue its best proposals (spread
-along the front) for verification, and let Optuna's own NSGA-II propose the rest of the round
-(exploration). Every trial is a real evaluation of a plan assembled from the quant cache.
+refit the surrogate on every verified trial; enqueue the plans one exchange away from the best
+verified plan that a fit weighted towards it predicts best (a trust region: the local proposals),
+and the best plans NSGA-II finds on the global fit, spread along the front (the global proposals);
+let Optuna's own NSGA-II propose the rest of the round (exploration). Every trial is a real evaluation of a plan assembled from the quant cache.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class SearchConfig:
     out: Path | None = None
     mode: str = "surrogate"
     with_baselines: bool = True
-    round_size: int = 20
+    round_size: int = 10
     sensitivity_tokens: int = 2048
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
@@ -208,13 +209,24 @@ def run_search(cfg: SearchConfig) -> SearchState:
             if cfg.mode == "surrogate" and not waiting:
                 done = report.completed(study)
                 genomes = np.array([[t.params[g.name] for g in groups] for t in done]) if done else np.zeros((0, len(groups)), int)
-                surrogate.fit(genomes, np.array([t.values[0] for t in done]))
+                kls = np.array([t.values[0] for t in done])
+                surrogate.fit(genomes, kls)
                 seen = {gnm.astype(np.int64).tobytes() for gnm in genomes}
-                init = genomes[np.argsort([t.values[0] for t in done])] if len(done) else None
                 n = max(1, int(round(min(cfg.round_size, remaining) * SURROGATE_SHARE)))
-                for genome, pred in surrogate.propose(n, cfg.budget, seen, seed=cfg.seed + round_no, init=init):
+                proposals = []
+                feasible = [i for i, t in enumerate(done) if t.user_attrs.get("feasible")]
+                if feasible and surrogate.model is not None:
+                    incumbent = genomes[min(feasible, key=lambda i: kls[i])]
+                    local = Surrogate(tables).fit_local(genomes, kls, incumbent)
+                    proposals += [(gnm, pred, "local") for gnm, pred in
+                                  local.propose_local((n + 1) // 2, cfg.budget, incumbent, seen)]
+                    seen |= {gnm.astype(np.int64).tobytes() for gnm, _, _ in proposals}
+                init = genomes[np.argsort(kls)] if len(done) else None
+                proposals += [(gnm, pred, "global") for gnm, pred in
+                              surrogate.propose(n - len(proposals), cfg.budget, seen, seed=cfg.seed + round_no, init=init)]
+                for genome, pred, kind in proposals:
                     study.enqueue_trial({g.name: int(i) for g, i in zip(groups, genome)},
-                                        user_attrs={"source": "surrogate", "predicted_kl": pred})
+                                        user_attrs={"source": "surrogate", "proposal": kind, "predicted_kl": pred})
                     proposed += 1
             batch = min(remaining, max(len(waiting), cfg.round_size if cfg.mode == "surrogate" else remaining))
             study.optimize(objective, n_trials=batch, callbacks=[on_trial], catch=(),

@@ -8,6 +8,11 @@ its width). Verified plans correct it: a ridge regression on the additive estima
 ridge penalty shrinks corrections towards zero, so with few verified plans the prediction stays
 the measured prior. GPTQ's reconstruction loss and the probe features (usage) enter as extra
 columns. Being additive per group, the model is evaluated on a whole population with one gather.
+
+Two kinds of proposals come from it. Global ones: NSGA-II on (predicted KL, avg bits), spread along
+the front. Local ones (a trust region): plans one exchange away from the best verified plan, ranked
+by a fit that weighs verified plans by their closeness to it. Near a good plan the landscape is
+flat and interactions decide; a fit dominated by far-away plans cannot see them, a local one can.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ from paretoq.space import Group
 
 MIN_FIT = 8  # verified plans needed before the regressor replaces the additive estimate
 EPS = 1e-9
+# Trust-region radius, in groups changed: a verified plan that differs from the incumbent in d
+# groups weighs exp(-d / RADIUS) in the local fit. Exchanges change 1-3 groups, so their own
+# verified neighbours weigh 0.5-0.8 and plans from elsewhere in the space (tens of groups away)
+# next to nothing; the unit is groups, so it does not depend on the model's size.
+RADIUS = 4.0
+FUNDING_DOWNS = 24  # cheapest down-moves considered for funding an upgrade with two of them
 
 
 @dataclass
@@ -84,15 +95,20 @@ class Surrogate:
         extra = np.column_stack([(t.sens[idx] * t.usage).sum(-1), (t.loss[idx] * t.params).sum(-1) / t.params.sum()])
         return np.column_stack([additive / self.scale, extra / np.maximum(np.abs(extra).max(0), EPS), onehot])
 
-    def fit(self, genomes: np.ndarray, kl: np.ndarray) -> Surrogate:
+    def fit(self, genomes: np.ndarray, kl: np.ndarray, weights: np.ndarray | None = None) -> Surrogate:
         self.fitted_on = len(kl)
         if len(kl) < MIN_FIT:
             self.model = None
             return self
         self.scale = float(np.median(kl)) or 1.0
         self.model = Ridge(alpha=self.alpha)
-        self.model.fit(self._design(genomes), np.asarray(kl) / self.scale)
+        self.model.fit(self._design(genomes), np.asarray(kl) / self.scale, sample_weight=weights)
         return self
+
+    def fit_local(self, genomes: np.ndarray, kl: np.ndarray, incumbent: np.ndarray) -> Surrogate:
+        """Fit weighted by closeness to ``incumbent`` (see RADIUS)."""
+        distance = (np.atleast_2d(genomes) != incumbent).sum(-1)
+        return self.fit(genomes, kl, weights=np.exp(-distance / RADIUS))
 
     def predict(self, genomes: np.ndarray) -> np.ndarray:
         genomes = np.atleast_2d(genomes)
@@ -125,6 +141,53 @@ class Surrogate:
             picks = np.linspace(0, len(rest) - 1, min(n - len(best), len(rest))).round().astype(int)
             best += [rest[j] for j in sorted(set(picks))]
         return [(pop[i], float(F[i, 0])) for i in best[:n]]
+
+    def propose_local(self, n: int, budget: float, incumbent: np.ndarray, seen: set[bytes]) -> list[tuple[np.ndarray, float]]:
+        """Up to ``n`` unseen plans within the budget one exchange away from ``incumbent``, lowest
+        predicted KL first."""
+        cands = neighbours(self.tables, incumbent, budget, self.predict)
+        if not len(cands):
+            return []
+        pred = self.predict(cands)
+        out, seen = [], set(seen)
+        for i in np.argsort(pred, kind="stable"):
+            key = cands[i].astype(np.int64).tobytes()
+            if key not in seen:
+                seen.add(key)
+                out.append((cands[i], float(pred[i])))
+                if len(out) == n:
+                    break
+        return out
+
+
+def neighbours(tables: Tables, genome: np.ndarray, budget: float, predict) -> np.ndarray:
+    """Plans within the budget one exchange from ``genome``: one group a width down; one group a
+    width up (alone if the slack allows, else funded by one group a width down, or by two of the
+    FUNDING_DOWNS down-moves ``predict`` finds cheapest). Bounded by G^2 + G * FUNDING_DOWNS^2 / 2
+    candidates, so large models stay cheap."""
+    genome = np.asarray(genome)
+    G = len(genome)
+    ups = [i for i in range(G) if genome[i] + 1 < tables.n_choices[i]]
+    downs = [i for i in range(G) if genome[i] > 0]
+
+    def moved(changes):
+        c = genome.copy()
+        for i, step in changes:
+            c[i] += step
+        return c
+
+    single_down = [moved([(i, -1)]) for i in downs]
+    cands = single_down + [moved([(i, 1)]) for i in ups]
+    cands += [moved([(i, 1), (j, -1)]) for i in ups for j in downs if i != j]
+    if single_down:
+        cost = predict(np.array(single_down))
+        cheap = [downs[k] for k in np.argsort(cost, kind="stable")[:FUNDING_DOWNS]]
+        cands += [moved([(i, 1), (j, -1), (k, -1)]) for i in ups
+                  for a, j in enumerate(cheap) for k in cheap[a + 1:] if i not in (j, k)]
+    if not cands:
+        return np.zeros((0, G), dtype=genome.dtype)
+    pop = np.unique(np.array(cands), axis=0)
+    return pop[tables.avg_bits(pop) <= budget + 1e-9]
 
 
 def kendall_tau(predicted: list[float], measured: list[float]) -> float:

@@ -24,3 +24,20 @@ def test_finds_the_constrained_optimum_of_a_separable_problem():
     ok = grid.sum(-1) <= 10
     best = cost[np.arange(8), grid[ok]].sum(-1).min()
     assert F[:, 0].min() <= best + 1e-9
+
+
+def test_hypervolume_2d_by_hand_and_against_a_grid():
+    from paretoq.nsga import hypervolume_2d
+
+    # Staircase (1,3), (2,2), (3,1) under reference (4,4): 3*1 + 2*1 + 1*1 + ... by hand = 6.
+    assert hypervolume_2d(np.array([[1, 3], [2, 2], [3, 1]]), (4, 4)) == 6.0
+    # Dominated points, duplicates and points beyond the reference change nothing.
+    assert hypervolume_2d(np.array([[1, 3], [2, 2], [3, 1], [3, 3], [2, 2], [5, 0], [0, 5]]), (4, 4)) == 6.0
+    assert hypervolume_2d(np.zeros((0, 2)), (1, 1)) == 0.0
+    # Random points against a Monte Carlo-free grid count of the dominated cells.
+    rng = np.random.default_rng(0)
+    P = rng.integers(0, 20, (15, 2)).astype(float)
+    xs, ys = np.meshgrid(np.arange(20) + 0.5, np.arange(20) + 0.5, indexing="ij")
+    cells = np.stack([xs.ravel(), ys.ravel()], 1)
+    dominated = ((P[None, :, 0] <= cells[:, None, 0]) & (P[None, :, 1] <= cells[:, None, 1])).any(1)
+    assert hypervolume_2d(P, (20, 20)) == dominated.sum()
