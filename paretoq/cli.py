@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -97,7 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from paretoq.search import DEFAULT_STORAGE, SearchConfig, run_search
+    from paretoq.search import SearchConfig, run_search
+    from paretoq.storage import DEFAULT_STORAGE, mask_url
 
     bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
     state = run_search(SearchConfig(
@@ -105,8 +107,17 @@ def cmd_search(args: argparse.Namespace) -> int:
         timeout=args.timeout, seed=args.seed, study=args.study, storage=args.storage,
         out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
+        progress=not args.worker,
     ))
+    if args.worker:
+        return 130 if state.interrupted else 0
+    from paretoq.report import completed
+
+    done = len(completed(state.study))
+    if state.interrupted:
+        print(f"paretoq: interrupted after {done} of {args.trials} verified trials; outputs written for them. "
+              "Run the same command again to resume.", file=sys.stderr)
     if state.plan is not None:
         m = state.plan.metrics
         print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
@@ -114,9 +125,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
     print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
-    storage = args.storage or DEFAULT_STORAGE
-    print(f"inspect: optuna-dashboard {storage}")
-    return 0
+    print(f"inspect: optuna-dashboard {mask_url(args.storage or DEFAULT_STORAGE)}")
+    return 130 if state.interrupted else 0
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
@@ -155,6 +165,10 @@ def _pending(name: str):
         raise ParetoqError(f"`paretoq {name}` is not yet available in this version; see `paretoq --help` for what is")
 
     return run
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: studies/<study>)")
     p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
                    help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
-    p.add_argument("--jobs", type=int, default=1, help="parallel evaluation workers (1; run several processes to scale)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes on this machine, all verifying trials of one study (default 1)")
+    p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                   help="a running trial whose worker is silent for 3 heartbeats is failed and retried (default 30)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
     _add_data(p)
     p.set_defaults(func=cmd_search)
 
@@ -230,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # Never reach for the hub: every model and tokenizer is local.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # SIGTERM (a scheduler, `kill`, a container stop) ends a command as Ctrl-C does: cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command not in PENDING:  # pending commands answer the same to any arguments

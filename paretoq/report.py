@@ -67,7 +67,10 @@ def plot_front(state, path) -> None:
         ax.scatter(best.values[1], best.values[0], marker="*", s=220, color="#7570b3", zorder=5,
                    label=f"best within budget (KL {best.values[0]:.3g})")
     ax.axvline(state.config.budget, color="#7570b3", ls="--", lw=1, label=f"budget {state.config.budget:g} bits")
-    ax.set_yscale("log")
+    if any(t.values[0] > 0 for t in done):
+        ax.set_yscale("log")
+    else:  # an interrupted search may have verified nothing yet
+        ax.text(0.5, 0.5, "no verified plans yet", transform=ax.transAxes, ha="center")
     ax.set_xlabel("average bits per weight")
     ax.set_ylabel("KL(fp || plan) per token")
     ax.set_title(f"paretoq search: {state.study.study_name} ({len(done)} verified plans)")

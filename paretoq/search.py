@@ -13,13 +13,21 @@ let Optuna's own NSGA-II propose the rest of the round (exploration). Every tria
 from __future__ import annotations
 
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
+import torch
 from tqdm import tqdm
 
 from paretoq import baselines as bl
@@ -35,12 +43,15 @@ from paretoq.probes.run import cached_features
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
+from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, mask_url, open_storage
 from paretoq.space import Group, component_bits, load_space, make_groups, min_max_bits, restrict_bits
 from paretoq.surrogate import Surrogate, build_tables, kendall_tau
 
 MODES = ("surrogate", "nsga2", "random")
-DEFAULT_STORAGE = "sqlite:///studies/paretoq.db"
 SURROGATE_SHARE = 0.7  # of each round; the rest is Optuna's NSGA-II exploring on its own
+MAX_CONSECUTIVE_FAILURES = 10  # failed trials in a row before the search gives up
+COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
+                              optuna.trial.TrialState.WAITING)
 
 
 @dataclass
@@ -63,7 +74,9 @@ class SearchConfig:
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
-    jobs: int = 1
+    jobs: int = 1  # worker processes on this machine, all on one study
+    worker: bool = False  # a worker started by --jobs: verifies trials, writes no outputs
+    heartbeat: int = HEARTBEAT_SECONDS
     device: str = "cpu"
     progress: bool = True
     trust_remote_code: bool = False
@@ -81,7 +94,8 @@ class SearchState:
     fp_ppl: float
     out: Path
     timings: dict[str, float] = field(default_factory=dict)
-    taus: list[tuple[int, float]] = field(default_factory=list)  # (round, Kendall tau on unseen trials)
+    taus: list[tuple[str, float]] = field(default_factory=list)  # (round, Kendall tau on unseen trials)
+    interrupted: bool = False
 
 
 def default_study_name(model: str, budget: float) -> str:
@@ -92,14 +106,124 @@ def _genome_params(groups: list[Group], bits: dict[str, int]) -> dict[str, int]:
     return {g.name: g.choices.index(bits[g.name]) for g in groups}
 
 
+class NonFiniteEvaluation(Exception):
+    """A candidate's evaluation gave NaN or inf: its trial fails with the reason, the search goes on."""
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the long work if the outputs cannot be written (no file is left behind)."""
+    new = [p for p in [out, *out.parents] if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".paretoq-write-check-"):
+            pass
+    except OSError as exc:
+        raise ParetoqError(f"cannot write outputs to {out} ({exc.strerror or exc}); pass --out a writable directory") from None
+    finally:
+        for p in new:  # directories made for the check go again; write_outputs makes them at the end
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+
+
+def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
+    """``--jobs N``: N-1 more worker processes of this search on the same study."""
+    args = [sys.executable, "-m", "paretoq.cli", "search", "--worker", "--jobs", str(cfg.jobs),
+            "--budget", str(cfg.budget), "--model", str(cfg.model), "--calib", str(cfg.calib), "--space", cfg.space,
+            "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--study", name, "--mode", cfg.mode,
+            "--calib-tokens", str(cfg.calib_tokens), "--eval-tokens", str(cfg.eval_tokens),
+            "--seq-len", str(cfg.seq_len), "--device", cfg.device, "--heartbeat", str(cfg.heartbeat),
+            "--storage", cfg.storage or DEFAULT_STORAGE]
+    args += ["--bits", ",".join(map(str, cfg.bits))] if cfg.bits else []
+    args += ["--timeout", str(cfg.timeout)] if cfg.timeout else []
+    args += ["--trust-remote-code"] if cfg.trust_remote_code else []
+    return [subprocess.Popen(args, stdout=subprocess.DEVNULL) for _ in range(cfg.jobs - 1)]
+
+
+def _open_study(name: str, storage, sampler) -> tuple[optuna.Study, bool]:
+    """The study, and whether this worker created it. Creation is atomic in the database (a unique
+    study name), so of several workers started at once exactly one creates the study."""
+    try:
+        return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
+                                   sampler=sampler), True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        if [d.name for d in study.directions] != ["MINIMIZE", "MINIMIZE"]:
+            raise ParetoqError(f"study {name!r} exists with other objectives; pass a new --study name") from None
+        return study, False
+
+
+def _enqueue_baselines(study: optuna.Study, groups: list[Group], baseline_bits: dict[str, dict[str, int]],
+                       created: bool) -> None:
+    """Baselines are enqueued once per study: by the worker that created it. A later run enqueues
+    what is missing only when the creator never finished (no ``baselines_enqueued`` mark) and no
+    other worker is active, so workers started together never enqueue twice."""
+    if not baseline_bits or study.user_attrs.get("baselines_enqueued"):
+        return
+    if not created and any(t.state in (RUNNING, WAITING) for t in study.get_trials(deepcopy=False)):
+        return
+    existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
+    for bname, bits in baseline_bits.items():
+        if f"baseline:{bname}" not in existing:
+            study.enqueue_trial(_genome_params(groups, bits), user_attrs={"source": f"baseline:{bname}"})
+    study.set_user_attr("baselines_enqueued", True)
+
+
+def _give_back(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Put a plan that was queued (a baseline, a proposal, a retry) back in the queue, as Optuna's
+    retry callback does, so a trial this worker gives up is verified later, by it or another."""
+    if not trial.params and "fixed_params" not in trial.system_attrs:
+        return  # sampled on the spot: nothing was promised
+    study.add_trial(optuna.create_trial(
+        state=WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={k: v for k, v in trial.user_attrs.items() if k != "worker"}, system_attrs=dict(trial.system_attrs)))
+
+
+def _propose(surrogate: Surrogate, tables, groups: list[Group], done, cfg: SearchConfig, room: int,
+             round_no: int) -> list[tuple[np.ndarray, float, str]]:
+    """One round's surrogate proposals: local ones around the incumbent, then global ones."""
+    genomes = np.array([[t.params[g.name] for g in groups] for t in done]) if done else np.zeros((0, len(groups)), int)
+    kls = np.array([t.values[0] for t in done])
+    surrogate.fit(genomes, kls)
+    seen = {gnm.astype(np.int64).tobytes() for gnm in genomes}
+    n = max(1, int(round(room * SURROGATE_SHARE)))
+    proposals: list[tuple[np.ndarray, float, str]] = []
+    feasible = [i for i, t in enumerate(done) if t.user_attrs.get("feasible")]
+    if feasible and surrogate.model is not None:
+        incumbent = genomes[min(feasible, key=lambda i: kls[i])]
+        local = Surrogate(tables).fit_local(genomes, kls, incumbent)
+        proposals += [(g, p, "local") for g, p in local.propose_local((n + 1) // 2, cfg.budget, incumbent, seen)]
+        seen |= {g.astype(np.int64).tobytes() for g, _, _ in proposals}
+    init = genomes[np.argsort(kls)] if len(done) else None
+    proposals += [(g, p, "global") for g, p in
+                  surrogate.propose(n - len(proposals), cfg.budget, seen, seed=cfg.seed + len(done) + round_no, init=init)]
+    return proposals
+
+
+def _kendall_taus(done) -> list[tuple[str, float]]:
+    """Per round: Kendall tau between the KL the surrogate predicted for its proposals before they
+    were verified and the KL measured."""
+    rounds: dict[str, list] = {}
+    for t in done:
+        if t.user_attrs.get("source") == "surrogate" and "round" in t.user_attrs:
+            rounds.setdefault(t.user_attrs["round"], []).append(t)
+    taus = []
+    for key, ts in rounds.items():
+        tau = kendall_tau([t.user_attrs["predicted_kl"] for t in ts], [t.values[0] for t in ts])
+        if math.isfinite(tau):
+            taus.append((key.rsplit("/", 1)[-1] if len({k.rsplit("/", 1)[0] for k in rounds}) == 1 else key, tau))
+    return taus
+
+
 def run_search(cfg: SearchConfig) -> SearchState:
     started = time.time()
     timings: dict[str, float] = {}
     check_budget(cfg.budget)
     if cfg.mode not in MODES:
         raise ParetoqError(f"unknown search mode {cfg.mode!r}; use one of {', '.join(MODES)}")
-    if cfg.jobs != 1:
-        raise ParetoqError("--jobs above 1 is not supported yet; run several `paretoq search` processes on one --storage")
+    if cfg.jobs < 1:
+        raise ParetoqError(f"--jobs must be at least 1, got {cfg.jobs}")
+    if cfg.heartbeat < 1:
+        raise ParetoqError(f"--heartbeat must be at least 1 second, got {cfg.heartbeat}")
     space = restrict_bits(load_space(cfg.space), cfg.bits)
     docs = read_documents(cfg.calib)
     # Shapes alone decide the groups: check the space against the budget before loading any weight.
@@ -110,17 +234,19 @@ def run_search(cfg: SearchConfig) -> SearchState:
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")
-    loaded = load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     name = cfg.study or default_study_name(cfg.model, cfg.budget)
     out = Path(cfg.out) if cfg.out else Path("studies") / name
-    storage = cfg.storage or DEFAULT_STORAGE
-    if storage.startswith("sqlite:///"):
-        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if not cfg.worker:
+        _check_writable(out)
+    if cfg.worker and cfg.jobs > 1:  # share the cores with the other workers of this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
+    loaded = load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
     # -- setup: every step cached on disk ------------------------------------------------------
     t = time.time()
     sets = load_token_sets(loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
                            documents=docs)
+    storage = open_storage(cfg.storage, cfg.heartbeat)  # a bad URL fails now, before the long work
     ref = cached_reference(loaded, sets.eval)
     cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=cfg.seed, progress=cfg.progress)
     features = cached_features(loaded, cap, cap_key, seed=cfg.seed)
@@ -142,35 +268,57 @@ def run_search(cfg: SearchConfig) -> SearchState:
     surrogate = Surrogate(tables)
 
     # -- the study ----------------------------------------------------------------------------
-    sampler = (optuna.samplers.RandomSampler(seed=cfg.seed) if cfg.mode == "random"
-               else optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(10, cfg.round_size)))
+    def sampler(seed: int) -> optuna.samplers.BaseSampler:
+        return (optuna.samplers.RandomSampler(seed=seed) if cfg.mode == "random"
+                else optuna.samplers.NSGAIISampler(seed=seed, population_size=max(10, cfg.round_size)))
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
-                                sampler=sampler, load_if_exists=True)
+    baseline_bits: dict[str, dict[str, int]] = {}
+    if cfg.with_baselines:  # computed before the study exists, so its creator enqueues them at once
+        baseline_bits = bl.heuristics(groups, features, cfg.budget)
+        baseline_bits["knapsack"] = bl.knapsack(groups, sensitivity, cfg.budget)
+    study, created = _open_study(name, storage, sampler(cfg.seed))
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    # Workers that join a study draw other random numbers than its creator, or they would all
+    # propose the same plans; the creator's run stays reproducible from --seed.
+    salt = 0 if created else zlib.crc32(worker.encode()) % 1_000_003
+    if salt:
+        study.sampler = sampler(cfg.seed + salt)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["KL", "avg_bits"])
-    study.set_user_attr("budget", cfg.budget)
-    study.set_user_attr("model", str(cfg.model))
-    study.set_user_attr("space", space.name)
-
-    baseline_bits: dict[str, dict[str, int]] = {}
-    if cfg.with_baselines:
-        baseline_bits = bl.heuristics(groups, features, cfg.budget)
-        baseline_bits["knapsack"] = bl.knapsack(groups, sensitivity, cfg.budget)
-        existing = {t.user_attrs.get("source") for t in study.trials}
-        for bname, bits in baseline_bits.items():
-            if f"baseline:{bname}" not in existing:
-                study.enqueue_trial(_genome_params(groups, bits), user_attrs={"source": f"baseline:{bname}"},
-                                    skip_if_exists=True)
+    for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space.name}.items():
+        study.set_user_attr(key, value)
+    _enqueue_baselines(study, groups, baseline_bits, created)
+    children = _spawn_workers(cfg, name) if cfg.jobs > 1 and not cfg.worker else []
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING, WAITING))
+        me = next(t for t in trials if t.number == trial.number)  # the frozen view has system attrs
+        if sum(t.state != WAITING and t.number != trial.number for t in trials) >= cfg.trials:
+            _give_back(study, me)  # another worker took the last trial meanwhile
+            raise optuna.TrialPruned("the study has its trials; this worker stops")
+        if "failed_trial" not in me.system_attrs and any(
+                t.state == WAITING and "failed_trial" in t.system_attrs for t in trials):
+            # A dead worker's plan waits to be retried: it goes first, or the study could reach
+            # its trial count and never verify it. Optuna pops the oldest waiting trial, so this
+            # one steps back in the queue.
+            _give_back(study, me)
+            raise optuna.TrialPruned("a retried plan goes first")
         idx = {g.name: trial.suggest_int(g.name, 0, len(g.choices) - 1) for g in groups}
+        trial.set_user_attr("worker", worker)  # which process verifies it, for whoever inspects the study
         genome = np.array([idx[g.name] for g in groups])
         comp_bits = component_bits(groups, tables.plan_bits(genome))
         plan = Plan(comp_bits, settings)
-        with assembler.apply(comp_bits):
-            r = evaluate(loaded.model, ref)
+        try:
+            with assembler.apply(comp_bits):
+                r = evaluate(loaded.model, ref)
+        except KeyboardInterrupt:  # Optuna fails this trial; an enqueued plan goes back in the queue
+            _give_back(study, me)
+            raise
+        if not (math.isfinite(r.kl) and math.isfinite(r.ppl)):
+            trial.set_user_attr("fail_reason", f"evaluation gave KL={r.kl}, perplexity={r.ppl}")
+            raise NonFiniteEvaluation(f"trial {trial.number}: evaluation gave KL={r.kl}, perplexity={r.ppl}")
         avg = plan.avg_bits(loaded.adapter)
         trial.set_constraint("budget", avg - cfg.budget)
         source = trial.user_attrs.get("source") or ("random" if cfg.mode == "random" else "nsga2")
@@ -190,64 +338,70 @@ def run_search(cfg: SearchConfig) -> SearchState:
 
     def on_trial(study_, trial_: optuna.trial.FrozenTrial) -> None:
         nonlocal best_kl
+        if trial_.state != COMPLETE:
+            return
         bar.update(1)
-        if trial_.state == optuna.trial.TrialState.COMPLETE and trial_.user_attrs.get("feasible"):
+        if trial_.user_attrs.get("feasible"):
             best_kl = min(best_kl, trial_.values[0])
         if best_kl < math.inf:
             bar.set_postfix(best_kl=f"{best_kl:.4g}")
 
     t = time.time()
-    taus: list[tuple[int, float]] = []
-    round_no = 0
     deadline = started + cfg.timeout if cfg.timeout else None
+    round_no, explore_left, failures, interrupted = 0, 0, 0, False
     try:
-        while len(report.completed(study)) < cfg.trials and (deadline is None or time.time() < deadline):
-            remaining = cfg.trials - len(report.completed(study))
-            waiting = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
-            before = len(study.trials)  # enqueued proposals are appended as WAITING trials from here
-            proposed = 0
-            if cfg.mode == "surrogate" and not waiting:
-                done = report.completed(study)
-                genomes = np.array([[t.params[g.name] for g in groups] for t in done]) if done else np.zeros((0, len(groups)), int)
-                kls = np.array([t.values[0] for t in done])
-                surrogate.fit(genomes, kls)
-                seen = {gnm.astype(np.int64).tobytes() for gnm in genomes}
-                n = max(1, int(round(min(cfg.round_size, remaining) * SURROGATE_SHARE)))
-                proposals = []
-                feasible = [i for i, t in enumerate(done) if t.user_attrs.get("feasible")]
-                if feasible and surrogate.model is not None:
-                    incumbent = genomes[min(feasible, key=lambda i: kls[i])]
-                    local = Surrogate(tables).fit_local(genomes, kls, incumbent)
-                    proposals += [(gnm, pred, "local") for gnm, pred in
-                                  local.propose_local((n + 1) // 2, cfg.budget, incumbent, seen)]
-                    seen |= {gnm.astype(np.int64).tobytes() for gnm, _, _ in proposals}
-                init = genomes[np.argsort(kls)] if len(done) else None
-                proposals += [(gnm, pred, "global") for gnm, pred in
-                              surrogate.propose(n - len(proposals), cfg.budget, seen, seed=cfg.seed + round_no, init=init)]
+        while deadline is None or time.time() < deadline:
+            trials = study.get_trials(deepcopy=False)
+            n_done = sum(t.state == COMPLETE for t in trials)
+            if n_done >= cfg.trials:
+                break
+            if n_done + sum(t.state == RUNNING for t in trials) >= cfg.trials:
+                # The rest is running on other workers: wait; a dead worker's trial fails as stale
+                # and comes back to the queue.
+                optuna.storages.fail_stale_trials(study)
+                time.sleep(min(2.0, cfg.heartbeat))
+                continue
+            waiting = any(t.state == WAITING for t in trials)
+            if cfg.mode == "surrogate" and not waiting and explore_left == 0:
+                proposals = _propose(surrogate, tables, groups, report.completed(study), cfg,
+                                     min(cfg.round_size, cfg.trials - n_done), salt + round_no)
                 for genome, pred, kind in proposals:
                     study.enqueue_trial({g.name: int(i) for g, i in zip(groups, genome)},
-                                        user_attrs={"source": "surrogate", "proposal": kind, "predicted_kl": pred})
-                    proposed += 1
-            batch = min(remaining, max(len(waiting), cfg.round_size if cfg.mode == "surrogate" else remaining))
-            study.optimize(objective, n_trials=batch, callbacks=[on_trial], catch=(),
-                           timeout=None if deadline is None else max(1.0, deadline - time.time()))
-            new = [t for t in study.trials[before:] if t.state == optuna.trial.TrialState.COMPLETE
-                   and t.user_attrs.get("source") == "surrogate"]
-            if proposed and new and surrogate.fitted_on >= 1:
-                taus.append((round_no, kendall_tau([t.user_attrs["predicted_kl"] for t in new], [t.values[0] for t in new])))
-            round_no += 1
+                                        user_attrs={"source": "surrogate", "proposal": kind, "predicted_kl": pred,
+                                                    "round": f"{worker}/{round_no}"})
+                explore_left = max(0, cfg.round_size - len(proposals))
+                round_no += 1
+                waiting = bool(proposals)
+            before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
+            study.optimize(objective, n_trials=1, callbacks=[on_trial], catch=(NonFiniteEvaluation,))
+            if not waiting:
+                explore_left = max(0, explore_left - 1)
+            failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) > before
+            failures = failures + 1 if failed else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                raise ParetoqError(f"{failures} trials in a row failed (see their fail_reason); check the model "
+                                   "and the calibration data")
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
+        for child in children:  # they stop by themselves at the trial count; on an interrupt, stop them
+            if interrupted:
+                child.send_signal(signal.SIGINT)
+            try:
+                child.wait(timeout=None if not interrupted else 60)
+            except subprocess.TimeoutExpired:
+                child.kill()
     timings["verified trials"] = time.time() - t
     timings["total"] = time.time() - started
+    taus = _kendall_taus(report.completed(study))
 
     done = report.completed(study)
     names = {}
-    for bname, bits in baseline_bits.items():
-        params = _genome_params(groups, bits)
-        match = next((t for t in done if t.params == params), None)
-        if match is not None:
-            names[bname] = match.number
+    for t in sorted(done, key=lambda t: t.number):
+        source = t.user_attrs.get("source", "")
+        if source.startswith("baseline:"):
+            names.setdefault(source.removeprefix("baseline:"), t.number)
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None
     plan = None
@@ -258,6 +412,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
                     budget=cfg.budget, metrics={"kl": best.values[0], "ppl": best.user_attrs["ppl"],
                                                 "ppl_fp": ref.ppl, "agreement": best.user_attrs["agreement"],
                                                 "trial": best.number, "source": best.user_attrs.get("source")})
-    state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus)
-    report.write_outputs(state, loaded.adapter)
+    state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus, interrupted)
+    if not cfg.worker:
+        report.write_outputs(state, loaded.adapter)
     return state

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from paretoq.errors import ParetoqError
 from paretoq.models.adapter import ADAPTERS, Adapter, get_adapter, supported_model_types
@@ -91,6 +92,9 @@ def load_model(
     ``weights=False`` the model is built on the meta device from its config alone: shapes and
     components without reading (or allocating) a single weight, for `paretoq info` on large models.
     """
+    # transformers' per-tensor loading bar would interleave with paretoq's own progress and
+    # bury the one-line errors on stderr.
+    transformers.utils.logging.disable_progress_bar()
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):

@@ -26,7 +26,7 @@ from paretoq.report import completed
 from paretoq.search import SearchConfig, run_search
 
 HERE = Path(__file__).resolve().parent
-CHECKPOINTS = (20, 40, 60)  # hypervolume after this many verified trials
+CHECKPOINTS = (10, 20, 40)  # hypervolume after this many verified trials
 
 
 def main() -> int:
