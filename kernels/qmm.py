@@ -18,6 +18,8 @@ differs from dequantize-then-matmul by fp32 accumulation error only.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,9 @@ from paretoq.kernels.layout import PackedWeight, dequantize, plane_words
 DENSE, MOE_UP, MOE_DOWN = 0, 1, 2
 # Activation applied while loading A (MOE_DOWN only): none, or SwiGLU silu(gate) * up on [gate | up].
 ACT_NONE, ACT_SILU_MUL = 0, 1
+# Triton 3.9's interpreter computes bf16 `tl.dot` and int->bf16 casts wrongly (off by orders of
+# magnitude, measured): under it the dot runs in fp32. Compiled kernels keep the native dot.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -56,7 +61,7 @@ def _qmm_kernel(
     stride_am, stride_om, stride_wc, stride_sc,
     num_experts, top_k,
     BITS: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, NUM_SLOTS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -127,7 +132,9 @@ def _qmm_kernel(
         g = k0 // group_size  # one group per tile (BLOCK_K divides group_size)
         s = tl.load(s_rows + g, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_rows + g, mask=n_mask, other=0.0).to(tl.float32)
-        if USE_DOT:
+        if USE_DOT and DOT_FP32:
+            p = tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)))
+        elif USE_DOT:
             # Codes < 256 are exact in fp16 and bf16, so the tensor cores see the integers themselves.
             p = tl.dot(a, tl.trans(q.to(a.dtype)))
         else:
@@ -177,7 +184,7 @@ def launch(a: torch.Tensor, w: PackedWeight, out: torch.Tensor, *, M: int, grid_
         w.qweight[0].numel() if stacked else 0, w.scales[0].numel() if stacked else 0,
         num_experts, top_k,
         BITS=w.bits, MODE=mode, ACT=act, NUM_SLOTS=num_slots, HAS_BIAS=bias is not None,
-        USE_DOT=bm >= 16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        USE_DOT=bm >= 16, DOT_FP32=INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )
 
