@@ -119,6 +119,20 @@ def stack(weights: list[PackedWeight]) -> PackedWeight:
 def dequantize(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[..., N, K]`` weights in ``dtype``: codes unpacked, then ``scale * (q - zero)`` per group."""
     q = unpack_codes(w.qweight, w.bits, w.in_features)
-    g = torch.arange(w.in_features, device=q.device) // w.group_size
-    s, z = w.scales.float()[..., g], w.zeros.float()[..., g]
-    return ((q.float() - z) * s).to(dtype)
+    G = w.scales.shape[-1]  # groups tile the row (paretoq.quant.quantizer.group_columns)
+    q = q.reshape(*q.shape[:-1], G, w.in_features // G).float()
+    W = (q - w.zeros.float()[..., None]) * w.scales.float()[..., None]
+    return W.flatten(-2).to(dtype)
+
+
+def from_checkpoint(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, in_features: int,
+                    group_size: int) -> PackedWeight:
+    """A checkpoint's component (`paretoq.quant.pack` bitstream) in the kernel layout.
+
+    2, 4 and 8 bits are taken as they are; only 3-bit rows are re-packed into their two planes.
+    """
+    if bits == 3:
+        from paretoq.quant.pack import unpack
+
+        qweight = pack_codes(unpack(qweight, 3, in_features), 3)
+    return PackedWeight(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bits, in_features, group_size)
