@@ -18,8 +18,6 @@ from paretoq.errors import ParetoqError
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
     "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
-    "bench": "benchmark paretoq's Triton kernels",
-    "generate": "generate text with a quantized checkpoint",
     "dashboard": "open a study in optuna-dashboard",
 }
 
@@ -129,6 +127,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 130 if state.interrupted else 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from paretoq.runtime.generate import generate
+
+    g = generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, device=args.device,
+                 dtype=args.dtype, backend=args.backend)
+    print(args.prompt + g.text)
+    print(f"{len(g.new_tokens)} new tokens in {g.seconds:.3f} s: {g.tokens_per_s:.1f} tokens/s "
+          f"(greedy, {g.backend} backend on {g.device}, prompt {g.prompt_tokens} tokens)", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from paretoq.kernels.bench import run_bench
+
+    print(run_bench(shapes=args.shapes, checkpoint=args.checkpoint, ms=args.m, tune=args.tune,
+                    out=Path(args.out) if args.out else None))
+    return 0
+
+
 def cmd_zoo_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -230,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
     _add_data(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("generate", help="greedy text generation with a quantized checkpoint, tokens/s printed")
+    p.add_argument("--checkpoint", required=True, help="directory written by `paretoq quantize`")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present, default), cuda or cpu")
+    p.add_argument("--dtype", default="auto", help="auto (float16 on cuda, float32 on cpu), float16, bfloat16 or float32")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="auto (Triton kernels on cuda, the torch path elsewhere, default), triton or torch")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="Triton kernel micro-benchmarks and decode tokens/s against cuBLAS and torch int4")
+    p.add_argument("--shapes", default="mixtral", choices=["mixtral", "qwen-moe", "deepseek"],
+                   help="expert shapes to time (default mixtral: 4096x14336 and 14336x4096)")
+    p.add_argument("--checkpoint", help="also time end-to-end decode of this `paretoq quantize` checkpoint vs its fp16 model")
+    p.add_argument("--m", default="1,4,16,64,256", help="token counts M to time (default 1,4,16,64,256)")
+    p.add_argument("--tune", action="store_true", help="search launch configs on this GPU and save them for later runs")
+    p.add_argument("--out", help="also write the raw results as JSON to this file")
+    p.set_defaults(func=cmd_bench)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter (it must be chosen before they are defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tests never write to the user's cache.
 os.environ["PARETOQ_CACHE"] = tempfile.mkdtemp(prefix="paretoq-test-cache-")
 

@@ -86,10 +86,11 @@ def quantized_tensor(state: dict[str, torch.Tensor], key: str, info: dict) -> Qu
                            info["group_size"])
 
 
-def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Rebuild a model from a packed checkpoint, with each component's dequantized weight in place.
+def rebuild(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The model of a checkpoint with every stored tensor in place: ``(model, adapter, index, state)``.
 
-    (The runtime milestone will swap in modules that compute on the packed codes directly.)
+    Components the plan leaves in full precision are written into the model; quantized ones are
+    left for the caller (dequantized by `load_quantized`, packed modules in `paretoq.runtime`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,9 +106,19 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device:
     if missing or unexpected:
         raise ParetoqError(f"{path} does not match its config: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
     for c in adapter.components:
-        if c.key in index["components"]:
-            adapter.set_weight(c, quantized_tensor(state, c.key, index["components"][c.key]).dequantize())
-        else:
+        if c.key not in index["components"]:
             adapter.set_weight(c, state[f"{c.key}.weight"])
+    return model, adapter, index, state
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Rebuild a model from a packed checkpoint, with each component's dequantized weight in place.
+
+    (`paretoq.runtime.load_runtime` instead keeps the codes packed and computes on them.)
+    """
+    path = Path(path)
+    model, adapter, index, state = rebuild(path, dtype)
+    for key, info in index["components"].items():
+        adapter.set_weight(key, quantized_tensor(state, key, info).dequantize())
     model.to(device).eval()
     return LoadedModel(model, load_tokenizer(path), adapter, str(path), path)
