@@ -13,10 +13,10 @@ import traceback
 from pathlib import Path
 
 from paretoq.errors import ParetoqError
+from paretoq.export.targets import TARGETS
 
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
-    "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "bench": "benchmark paretoq's Triton kernels",
     "generate": "generate text with a quantized checkpoint",
     "dashboard": "open a study in optuna-dashboard",
@@ -105,7 +105,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         timeout=args.timeout, seed=args.seed, study=args.study, storage=args.storage,
         out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, target=args.target,
     ))
     if state.plan is not None:
         m = state.plan.metrics
@@ -116,6 +116,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
     storage = args.storage or DEFAULT_STORAGE
     print(f"inspect: optuna-dashboard {storage}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from paretoq.export import export
+
+    r = export(plan=args.plan, format=args.format, out=args.out, model=args.model, collapse_mode=args.collapse,
+               ggml_types=args.ggml_types, trust_remote_code=args.trust_remote_code)
+    if r.collapsed is not None:
+        print(r.collapsed.summary())
+    print(f"wrote {', '.join(str(f) for f in r.files)}")
+    for note in r.notes:
+        print(f"note: {note}")
+    print("next:")
+    for line in r.next.splitlines():
+        print(f"  {line}")
     return 0
 
 
@@ -210,8 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
                    help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
     p.add_argument("--jobs", type=int, default=1, help="parallel evaluation workers (1; run several processes to scale)")
+    p.add_argument("--target", choices=list(TARGETS),
+                   help="propose only plans this engine can load (ties groups, restricts bits), e.g. vllm")
     _add_data(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write a plan for GPTQModel, vLLM, llm-compressor, llama.cpp or exllamav3")
+    p.add_argument("--plan", required=True, help="plan.json (from `paretoq search`, or written by hand)")
+    p.add_argument("--format", required=True, choices=list(TARGETS),
+                   help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()))
+    p.add_argument("--out", help="output directory (default: export-<format> beside the plan)")
+    p.add_argument("--model", help="the model the plan is for (default: the plan's own \"model\")")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own code to run")
+    p.add_argument("--collapse", choices=["max", "weighted"],
+                   help="coarsen a plan finer than the target serves: widest width per engine module, or the "
+                        "served width nearest the weighted mean")
+    p.add_argument("--ggml-types", help="llamacpp: ggml type per width, e.g. 2=iq2_xs,3=q3_k,fp=bf16 "
+                   "(default 2=q2_k,3=q3_k,4=q4_k,8=q8_0,fp=f16)")
+    p.set_defaults(func=cmd_export)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

@@ -28,6 +28,7 @@ from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ
                           read_documents)
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import Assembler, cached_reference, compute_reference, evaluate
+from paretoq.export.targets import target_space
 from paretoq.models import load_model
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.run import cached_features
@@ -66,6 +67,7 @@ class SearchConfig:
     device: str = "cpu"
     progress: bool = True
     trust_remote_code: bool = False
+    target: str | None = None  # an export target (paretoq.export.TARGETS): propose only plans it can load
 
 
 @dataclass
@@ -100,6 +102,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     if cfg.jobs != 1:
         raise ParetoqError("--jobs above 1 is not supported yet; run several `paretoq search` processes on one --storage")
     space = restrict_bits(load_space(cfg.space), cfg.bits)
+    space = target_space(space, cfg.target, cfg.budget)
     docs = read_documents(cfg.calib)
     # Shapes alone decide the groups: check the space against the budget before loading any weight.
     meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
@@ -152,6 +155,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     study.set_user_attr("budget", cfg.budget)
     study.set_user_attr("model", str(cfg.model))
     study.set_user_attr("space", space.name)
+    study.set_user_attr("target", cfg.target)
 
     baseline_bits: dict[str, dict[str, int]] = {}
     if cfg.with_baselines:
