@@ -63,6 +63,14 @@ def context(model_type, adapter, target, plan, **options):
     return Context(plan, adapter, target, model_type, "MODEL", options)
 
 
+def cases(model, target, seeds=3, **options):
+    """Writer contexts for several random plans that ``target`` can load."""
+    model_type, _, adapter = model
+    t = TARGETS[target]
+    for seed in range(seeds):
+        yield context(model_type, adapter, t, servable_plan(adapter, t, seed), **options)
+
+
 # -- GPTQModel and vLLM ----------------------------------------------------------------------------------------
 def dynamic_matches(dynamic, base, name):
     """Every rule's outcome for ``name`` in order (None = left unquantized), and the first one."""
@@ -77,10 +85,9 @@ def dynamic_matches(dynamic, base, name):
 @pytest.mark.parametrize("target", ["gptqmodel", "vllm"])
 def test_gptqmodel_dynamic_resolves_every_module(model, target):
     model_type, _, adapter = model
-    t = TARGETS[target]
-    for seed in range(3):
-        plan = servable_plan(adapter, t, seed)
-        cfg, _ = quantize_config(context(model_type, adapter, t, plan))
+    for ctx in cases(model, target):
+        plan, t = ctx.plan, ctx.target
+        cfg, _ = quantize_config(ctx)
         json.dumps(cfg)  # plain JSON
         base, dynamic = cfg["bits"], cfg["dynamic"]
         expected = {}
@@ -128,11 +135,9 @@ def test_llmcompressor_recipe_resolves_every_module_in_compressed_tensors(model)
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
     from compressed_tensors.utils import match_targets
 
-    model_type, _, adapter = model
-    t = TARGETS["llmcompressor"]
-    for seed in range(2):
-        plan = servable_plan(adapter, t, seed)
-        files = llmcompressor.write(context(model_type, adapter, t, plan)).files
+    for ctx in cases(model, "llmcompressor", seeds=2):
+        plan, adapter = ctx.plan, ctx.adapter
+        files = llmcompressor.write(ctx).files
         mod = yaml.safe_load(files[llmcompressor.RECIPE])["quant_stage"]["quant_modifiers"]["GPTQModifier"]
         # compressed-tensors parses the groups (GPTQModifier builds this same QuantizationConfig)
         config = QuantizationConfig(config_groups=mod["config_groups"], ignore=mod["ignore"])
@@ -174,12 +179,11 @@ def llamacpp_rules(text):
 
 
 def test_llamacpp_tensor_types_resolve_every_tensor(model):
-    model_type, _, adapter = model
-    t = TARGETS["llamacpp"]
+    adapter = model[2]
     types = llamacpp.parse_types("2=iq2_xs,fp=bf16")
-    for seed in range(3):
-        plan = servable_plan(adapter, t, seed)
-        rules = llamacpp_rules(llamacpp.write(context(model_type, adapter, t, plan, ggml_types=types)).files[llamacpp.FILE])
+    for ctx in cases(model, "llamacpp", ggml_types=types):
+        plan = ctx.plan
+        rules = llamacpp_rules(llamacpp.write(ctx).files[llamacpp.FILE])
         expected = {}
         for c in adapter.components:
             for name in llamacpp.gguf_names(c):
@@ -238,10 +242,9 @@ def exl3_source(spec, tensor):
 
 def test_exl3_overrides_resolve_every_tensor(model):
     model_type, _, adapter = model
-    t = TARGETS["exl3"]
-    for seed in range(3):
-        plan = servable_plan(adapter, t, seed)
-        base, spec = exl3.overrides(context(model_type, adapter, t, plan))
+    for ctx in cases(model, "exl3"):
+        plan = ctx.plan
+        base, spec = exl3.overrides(ctx)
         spec = yaml.safe_load(yaml.safe_dump(spec))
         width = {s["model_dir"]: s["id"] for s in spec["sources"]}
         for c in adapter.components:
@@ -265,7 +268,5 @@ def test_exl3_refuses_full_precision_components():
 
 # -- json -----------------------------------------------------------------------------------------------------
 def test_json_is_the_plan(model):
-    model_type, _, adapter = model
-    plan = servable_plan(adapter, TARGETS["json"])
-    files = FORMATS["json"](context(model_type, adapter, TARGETS["json"], plan)).files
-    assert json.loads(files["bits.json"]) == plan.bits
+    for ctx in cases(model, "json", seeds=1):
+        assert json.loads(FORMATS["json"](ctx).files["bits.json"]) == ctx.plan.bits

@@ -168,4 +168,4 @@ def target_space(space: SearchSpace, target: str | None, budget: float | None = 
         raise ParetoqError(f"budget {budget:g} is below the {floor} bits that --target {t.name} needs at least; "
                            f"pass --budget {floor} or more")
     tie = tuple(dict.fromkeys(space.tie + tuple(t.fused.values())))
-    return SearchSpace(space.name if target is None else f"{space.name}+{t.name}", granularity, bits, tie)
+    return SearchSpace(f"{space.name}+{t.name}", granularity, bits, tie)
