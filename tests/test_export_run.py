@@ -100,3 +100,12 @@ def test_a_search_for_vllm_exports_without_collapsing(tiny_search_model_dir, tmp
     for fmt in ("gptqmodel", "vllm"):
         assert main(["export", "--plan", str(plan), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
         assert "collapsed" not in capsys.readouterr().out
+
+
+def test_search_for_a_target_refuses_a_budget_it_cannot_reach(tmp_path, capsys):
+    argv = ["search", "--budget", "3", "--target", "vllm", "--out", str(tmp_path / "o"),
+            "--storage", f"sqlite:///{tmp_path}/s.db"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "budget 3 is below the 4 bits that --target vllm needs at least; pass --budget 4 or more" in err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
