@@ -14,10 +14,10 @@ import traceback
 from pathlib import Path
 
 from paretoq.errors import ParetoqError
+from paretoq.export.targets import TARGETS
 
 # Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
 PENDING = {
-    "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "dashboard": "open a study in optuna-dashboard",
 }
 
@@ -106,7 +106,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
-        progress=not args.worker,
+        progress=not args.worker, target=args.target,
     ))
     if args.worker:
         return 130 if state.interrupted else 0
@@ -143,6 +143,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     print(run_bench(shapes=args.shapes, checkpoint=args.checkpoint, ms=args.m, tune=args.tune,
                     out=Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from paretoq.export import export
+
+    r = export(plan=args.plan, format=args.format, out=args.out, model=args.model, collapse_mode=args.collapse,
+               ggml_types=args.ggml_types, trust_remote_code=args.trust_remote_code)
+    if r.collapsed is not None:
+        print(r.collapsed.summary())
+    print(f"wrote {', '.join(str(f) for f in r.files)}")
+    for note in r.notes:
+        print(f"note: {note}")
+    print("next:")
+    for line in r.next.splitlines():
+        print(f"  {line}")
     return 0
 
 
@@ -245,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
                    help="a running trial whose worker is silent for 3 heartbeats is failed and retried (default 30)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
+    p.add_argument("--target", choices=list(TARGETS),
+                   help="propose only plans this engine can load (ties groups, restricts bits), e.g. vllm")
     _add_data(p)
     p.set_defaults(func=cmd_search)
 
@@ -266,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune", action="store_true", help="search launch configs on this GPU and save them for later runs")
     p.add_argument("--out", help="also write the raw results as JSON to this file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a plan for GPTQModel, vLLM, llm-compressor, llama.cpp or exllamav3")
+    p.add_argument("--plan", required=True, help="plan.json (from `paretoq search`, or written by hand)")
+    p.add_argument("--format", required=True, choices=list(TARGETS),
+                   help="; ".join(f"{t.name}: {t.help}" for t in TARGETS.values()))
+    p.add_argument("--out", help="output directory (default: export-<format> beside the plan)")
+    p.add_argument("--model", help="the model the plan is for (default: the plan's own \"model\")")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own code to run")
+    p.add_argument("--collapse", choices=["max", "weighted"],
+                   help="coarsen a plan finer than the target serves: widest width per engine module, or the "
+                        "served width nearest the weighted mean")
+    p.add_argument("--ggml-types", help="llamacpp: ggml type per width, e.g. 2=iq2_xs,3=q3_k,fp=bf16 "
+                   "(default 2=q2_k,3=q3_k,4=q4_k,8=q8_0,fp=f16)")
+    p.set_defaults(func=cmd_export)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

@@ -37,6 +37,7 @@ from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ
                           read_documents)
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import Assembler, cached_reference, compute_reference, evaluate
+from paretoq.export.targets import target_space
 from paretoq.models import load_model
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.run import cached_features
@@ -80,6 +81,7 @@ class SearchConfig:
     device: str = "cpu"
     progress: bool = True
     trust_remote_code: bool = False
+    target: str | None = None  # an export target (paretoq.export.TARGETS): propose only plans it can load
 
 
 @dataclass
@@ -136,6 +138,7 @@ def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
     args += ["--bits", ",".join(map(str, cfg.bits))] if cfg.bits else []
     args += ["--timeout", str(cfg.timeout)] if cfg.timeout else []
     args += ["--trust-remote-code"] if cfg.trust_remote_code else []
+    args += ["--target", cfg.target] if cfg.target else []
     return [subprocess.Popen(args, stdout=subprocess.DEVNULL) for _ in range(cfg.jobs - 1)]
 
 
@@ -225,6 +228,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     if cfg.heartbeat < 1:
         raise ParetoqError(f"--heartbeat must be at least 1 second, got {cfg.heartbeat}")
     space = restrict_bits(load_space(cfg.space), cfg.bits)
+    space = target_space(space, cfg.target, cfg.budget)
     docs = read_documents(cfg.calib)
     # Shapes alone decide the groups: check the space against the budget before loading any weight.
     meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
@@ -287,7 +291,8 @@ def run_search(cfg: SearchConfig) -> SearchState:
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["KL", "avg_bits"])
-    for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space.name}.items():
+    for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space.name,
+                       "target": cfg.target}.items():
         study.set_user_attr(key, value)
     _enqueue_baselines(study, groups, baseline_bits, created)
     children = _spawn_workers(cfg, name) if cfg.jobs > 1 and not cfg.worker else []

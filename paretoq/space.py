@@ -9,7 +9,9 @@ A space is a YAML file (bundled ones by name from ``search_spaces/``, or a path)
 A kind left out of ``bits`` is not searched (it stays in full precision). Granularity ties routed
 experts: ``component`` leaves every component alone, ``expert`` ties an expert's gate/up/down (and
 a shared expert's), ``layer-experts`` all routed experts of a layer, ``layer-projection`` each
-projection across a layer's routed experts. Attention and dense projections are always alone.
+projection across a layer's routed experts. Attention and dense projections are alone unless the
+space ties them: ``tie`` lists projections that share one width within one module, as engines that
+fuse them need (vLLM's ``qkv_proj`` and ``gate_up_proj``; see ``paretoq.export.targets``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SearchSpace:
     name: str
     granularity: str
     bits: dict[str, tuple[int, ...]]  # kind -> sorted bit choices
+    tie: tuple[tuple[str, ...], ...] = ()  # projections of one module that share a width, e.g. ("q_proj", "k_proj", "v_proj")
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpa
     empty = [k for k, v in new.items() if not v]
     if empty:
         raise ParetoqError(f"--bits {','.join(map(str, bits))} leaves no choice for {', '.join(empty)}; widen --bits")
-    return SearchSpace(space.name, space.granularity, new)
+    return SearchSpace(space.name, space.granularity, new, space.tie)
 
 
 def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
@@ -106,7 +109,8 @@ def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
         elif c.kind == "shared" and space.granularity != "component":
             name = prefix  # the shared expert's projections together
         else:
-            name = c.key
+            tie = next((t for t in space.tie if proj in t), None)
+            name = f"{prefix}.{'+'.join(tie)}" if tie else c.key
         tied.setdefault(name, []).append(c)
     return [
         Group(name, comps[0].kind, comps[0].layer, tuple(c.key for c in comps), sum(c.params for c in comps),

@@ -1,0 +1,99 @@
+"""llama.cpp: a ``--tensor-type-file`` for ``llama-quantize`` with GGUF tensor names.
+
+``llama-quantize`` (``tools/quantize/quantize.cpp``) reads ``pattern=type`` tokens separated by
+whitespace, with no comment syntax (a ``#`` line aborts), lowercases each pattern and applies it
+with ``std::regex_search``, so patterns are unanchored unless they say so; builds differ on whether
+the first or the last matching pattern wins. Every line here is anchored and names one tensor, so
+no tensor matches two lines. Types are ggml type names (``q4_k``), not ftypes (``Q4_K_M``).
+
+GGUF names come from the converter's tensor map (``gguf-py/gguf/tensor_mapping.py``): routed
+experts are one 3-D tensor per layer and projection (``blk.N.ffn_down_exps.weight``), hence one
+width per layer x projection; DeepSeek's ``kv_b_proj`` becomes ``attn_kv_b``, or ``attn_k_b`` and
+``attn_v_b`` in newer converters, and all of them take its width.
+"""
+
+from __future__ import annotations
+
+import re
+
+from paretoq.errors import ParetoqError
+from paretoq.export.common import Context, Export, base_bits
+from paretoq.models import Component
+
+FILE = "tensor-types.txt"
+# model_type -> GGUF architecture (convert_hf_to_gguf.py's model classes).
+GGUF_ARCH = {"mixtral": "llama", "llama": "llama", "mistral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2", "olmoe": "olmoe", "gpt_oss": "gpt-oss",
+             "qwen2": "qwen2", "qwen3": "qwen3"}
+ATTN = {"q_proj": ("attn_q",), "k_proj": ("attn_k",), "v_proj": ("attn_v",), "o_proj": ("attn_output",),
+        "q_a_proj": ("attn_q_a",), "q_b_proj": ("attn_q_b",), "kv_a_proj_with_mqa": ("attn_kv_a_mqa",),
+        "kv_b_proj": ("attn_kv_b", "attn_k_b", "attn_v_b")}
+FFN = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+SUFFIX = {"dense": "", "shared": "_shexp", "expert": "_exps"}
+# Router tensors; llama-quantize never quantizes them and no line here may match them.
+ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "exp_probs_b")
+DEFAULT_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 8: "q8_0", "fp": "f16"}
+# ftype for the tensors no line names (token_embd, output), by the plan's most common width.
+BASE_FTYPE = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}
+# ggml's type names (ggml.h ggml_type) that llama-quantize accepts in a tensor-type file.
+GGML_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+              "iq2_xxs", "iq2_xs", "iq3_xxs", "iq1_s", "iq4_nl", "iq3_s", "iq2_s", "iq4_xs", "iq1_m", "tq1_0",
+              "tq2_0", "mxfp4")
+
+
+def gguf_names(c: Component) -> tuple[str, ...]:
+    """GGUF tensor names (without ``.weight``) holding component ``c``."""
+    if c.kind == "attn" and c.proj in ATTN:
+        return tuple(f"blk.{c.layer}.{n}" for n in ATTN[c.proj])
+    if c.kind in SUFFIX and c.proj in FFN:
+        return (f"blk.{c.layer}.{FFN[c.proj]}{SUFFIX[c.kind]}",)
+    raise ParetoqError(f"no GGUF tensor name is known for {c.key}; export to another format, or leave it out of the plan")
+
+
+def parse_types(spec: str | None) -> dict:
+    """``--ggml-types 2=iq2_xs,3=q3_k,fp=bf16`` over the defaults."""
+    types = dict(DEFAULT_TYPES)
+    for item in filter(None, (s.strip() for s in (spec or "").split(","))):
+        width, _, name = item.partition("=")
+        key = width.strip() if width.strip() == "fp" else int(width) if width.strip().isdigit() else None
+        name = name.strip().lower()
+        if key not in types or name not in GGML_TYPES:
+            raise ParetoqError(f"--ggml-types entry {item!r} is not WIDTH=TYPE with WIDTH in 2, 3, 4, 8, fp and TYPE "
+                               f"a ggml type ({', '.join(GGML_TYPES)}); e.g. --ggml-types 2=iq2_xs,8=q8_0")
+        types[key] = name
+    return types
+
+
+def lines(ctx: Context) -> list[str]:
+    types = ctx.options.get("ggml_types") or DEFAULT_TYPES
+    out = {}
+    for c in ctx.adapter.components:
+        b = ctx.plan.bits.get(c.key)
+        pattern = _pattern(gguf_names(c))
+        # Components sharing a tensor (all experts' gate of a layer) give one line; the plan is checked servable.
+        out[pattern] = f"{pattern}={types['fp' if b is None else b]}"
+    return list(out.values())
+
+
+def _pattern(names: tuple[str, ...]) -> str:
+    layer, _, _ = names[0].partition(".")[2].partition(".")
+    tails = [n.split(".", 2)[2] for n in names]
+    tail = re.escape(tails[0]) if len(tails) == 1 else f"(?:{'|'.join(map(re.escape, tails))})"
+    return rf"^blk\.{layer}\.{tail}\.weight$"
+
+
+def write(ctx: Context) -> Export:
+    notes = []
+    arch = GGUF_ARCH.get(ctx.model_type)
+    if arch is None:
+        notes.append(f"llama.cpp's converter has no known architecture for {ctx.model_type}; check the GGUF names")
+    if ctx.model_type == "qwen3_moe" and any(c.kind == "dense" for c in ctx.adapter.components):
+        notes.append("GGUF qwen3moe has no dense FFN tensors: a Qwen3-MoE with mlp_only_layers does not convert")
+    types = ctx.options.get("ggml_types") or DEFAULT_TYPES
+    if any(t.startswith("iq") for t in types.values()):
+        notes.append("i-quants (iq*) need an importance matrix: add --imatrix FILE (from llama-imatrix)")
+    notes.append("K-quants need rows a multiple of 256 wide; llama-quantize falls back to other types otherwise")
+    base = BASE_FTYPE[base_bits(ctx.plan, ctx.adapter)]
+    command = (f"python convert_hf_to_gguf.py {ctx.model_path} --outtype bf16 --outfile {{out}}/model-bf16.gguf\n"
+               f"llama-quantize --tensor-type-file {{out}}/{FILE} {{out}}/model-bf16.gguf {{out}}/model-paretoq.gguf {base}")
+    return Export({FILE: "\n".join(lines(ctx)) + "\n"}, command, tuple(notes))
