@@ -363,7 +363,9 @@ def run_search(cfg: SearchConfig) -> SearchState:
             if n_done + sum(t.state == RUNNING for t in trials) >= cfg.trials:
                 # The rest is running on other workers: wait; a dead worker's trial fails as stale
                 # and comes back to the queue.
-                optuna.storages.fail_stale_trials(study)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(study)
                 time.sleep(min(2.0, cfg.heartbeat))
                 continue
             waiting = any(t.state == WAITING for t in trials)

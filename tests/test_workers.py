@@ -159,3 +159,18 @@ def test_three_workers_on_postgres_survive_a_killed_worker(tiny_search_model_dir
     assert {"baseline:knapsack", "baseline:uniform-3"} <= set(baselines)
     workers_seen = {t.user_attrs.get("worker") for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(workers_seen) >= 2  # the study really was shared
+
+
+@pytest.mark.slow
+def test_jobs_runs_workers_on_one_study(tiny_search_model_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    # Trials long enough (8,192 eval tokens) that the second worker joins before the first is done.
+    argv = _search_argv(tiny_search_model_dir, storage, tmp_path / "out", trials=40) + ["--jobs", "2"]
+    argv[argv.index("--eval-tokens") + 1] = "8192"
+    done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    trials = _trials(storage)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 40 and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len({t.user_attrs["worker"] for t in complete}) == 2  # both processes verified plans
+    assert (tmp_path / "out" / "plan.json").is_file()
