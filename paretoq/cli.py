@@ -19,7 +19,6 @@ PENDING = {
     "export": "export a plan to GPTQModel, llm-compressor, llama.cpp or exllamav3",
     "bench": "benchmark paretoq's Triton kernels",
     "generate": "generate text with a quantized checkpoint",
-    "dashboard": "open a study in optuna-dashboard",
 }
 
 
@@ -97,7 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from paretoq.search import DEFAULT_STORAGE, SearchConfig, run_search
+    from paretoq.search import SearchConfig, run_search
 
     bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
     state = run_search(SearchConfig(
@@ -114,8 +113,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
     print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
-    storage = args.storage or DEFAULT_STORAGE
-    print(f"inspect: optuna-dashboard {storage}")
+    print(f"inspect: paretoq dashboard --study {state.study.study_name}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from paretoq.dashboard import no_auth_warning, open_dashboard
+
+    dash = open_dashboard(study=args.study, storage=args.storage, host=args.host, port=args.port)
+    warning = no_auth_warning(args.host)
+    if warning:
+        print(f"paretoq: {warning}", file=sys.stderr)
+    print(f"study {dash.target.study!r} at {dash.url}", flush=True)
+    print(f"the same by hand: {dash.command}", flush=True)
+    print("Ctrl-C stops it", flush=True)
+    dash.serve_forever()
     return 0
 
 
@@ -212,6 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel evaluation workers (1; run several processes to scale)")
     _add_data(p)
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("dashboard", help="serve a study in optuna-dashboard: the front, baselines, plans and figures")
+    p.add_argument("--study", help="study name (default: the one `paretoq search` used last in this directory)")
+    p.add_argument("--storage", help="Optuna storage URL (default: the one `paretoq search` used last here)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     for name, help_text in PENDING.items():
         p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)

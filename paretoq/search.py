@@ -22,7 +22,7 @@ import optuna
 from tqdm import tqdm
 
 from paretoq import baselines as bl
-from paretoq import report
+from paretoq import dashboard, report
 from paretoq.capture import cached_capture
 from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets,
                           read_documents)
@@ -162,6 +162,10 @@ def run_search(cfg: SearchConfig) -> SearchState:
             if f"baseline:{bname}" not in existing:
                 study.enqueue_trial(_genome_params(groups, bits), user_attrs={"source": f"baseline:{bname}"},
                                     skip_if_exists=True)
+    # What optuna-dashboard shows: figures, note and artifacts (paretoq/dashboard.py).
+    pub = dashboard.Publisher(study, storage, out, loaded.adapter, cfg.budget, fp_ppl=ref.ppl,
+                              model={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
+                              baselines={b: _genome_params(groups, bits) for b, bits in baseline_bits.items()})
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         idx = {g.name: trial.suggest_int(g.name, 0, len(g.choices) - 1) for g in groups}
@@ -180,6 +184,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
             attrs["predicted_kl"] = float(surrogate.predict(genome)[0])
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
+        pub.on_trial(trial, plan)
         return r.kl, avg
 
     done = report.completed(study)
@@ -224,6 +229,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
             if proposed and new and surrogate.fitted_on >= 1:
                 taus.append((round_no, kendall_tau([t.user_attrs["predicted_kl"] for t in new], [t.values[0] for t in new])))
             round_no += 1
+            pub.on_round()
     finally:
         bar.close()
     timings["verified trials"] = time.time() - t
@@ -248,4 +254,5 @@ def run_search(cfg: SearchConfig) -> SearchState:
                                                 "trial": best.number, "source": best.user_attrs.get("source")})
     state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus)
     report.write_outputs(state, loaded.adapter)
+    pub.on_finish(features)
     return state
