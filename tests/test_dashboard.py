@@ -277,3 +277,26 @@ def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
     rows = [line for line in get_note(study).splitlines() if line.startswith("| ") and "nsga2" in line]
     assert rows == ["| 2 | 0 | nsga2 | 2.000 | 0.5 | 11.000 |", "| **3** | 0 | nsga2 | 2.000 | 0.5 | 11.000 |",
                     "| 4 | 1 | nsga2 | 4.000 | 0.1 | 11.000 |", "| 8 | 3 | nsga2 | 8.000 | 0.05 | 11.000 |"]
+
+
+def test_without_optuna_dashboard_the_search_still_publishes_plans(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dashboard, "dashboard_installed", lambda: False)
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = optuna.create_study(study_name="s", storage=url, directions=["minimize", "minimize"])
+    pub = dashboard.Publisher(study, url, tmp_path / "out", adapter=None, budget=3.0, model={}, fp_ppl=1.0,
+                              baselines={})
+
+    def objective(trial):
+        for k, v in {"kl": 0.1, "avg_bits": 2.5, "ppl": 1.1, "agreement": 0.9, "source": "nsga2"}.items():
+            trial.set_user_attr(k, v)
+        pub.on_trial(trial, Plan({"k": 2}))
+        return 0.1, 2.5
+
+    study.optimize(objective, n_trials=1)
+    pub.on_round()
+    assert optuna.artifacts.get_all_artifact_meta(study.trials[0], storage=study._storage)
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert not [k for k in attrs if k.startswith("dashboard:")]  # no figure, no note
+    assert main(["dashboard", "--storage", url]) == 2
+    assert "pip install 'paretoq[dashboard]'" in capsys.readouterr().err
