@@ -236,12 +236,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     timings["total"] = time.time() - started
 
     done = report.completed(study)
-    names = {}
-    for bname, bits in baseline_bits.items():
-        params = _genome_params(groups, bits)
-        match = next((t for t in done if t.params == params), None)
-        if match is not None:
-            names[bname] = match.number
+    names = pub.baseline_trials()
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None
     plan = None
