@@ -54,8 +54,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # optuna-dashboard draws each figure in a 450 px high box: the legend goes inside the plot.
 LAYOUT = {"height": 450, "margin": {"l": 60, "r": 20, "t": 40, "b": 45}, "title_font_size": 14,
           "legend": {"x": 0.99, "xanchor": "right", "y": 0.99, "bgcolor": "rgba(255,255,255,0.7)", "font_size": 10}}
-PLOT_PX = (620, 365)  # the plot area inside that box at a usual window width, for placing labels
-LINE_PX, CHAR_PX = 13, 6  # a line and a character of 10 px text
+BIT_TICKS = [2, 2.5, 3, 3.5, 4, 5, 6, 8]
+PLOT_PX = (580, 345)  # the plot area inside that box at a usual window width (a little less), for labels
+LINE_PX, CHAR_PX = 14, 6.5  # a line and a character of 10 px text, with a margin
 COLORS = {"plan": "#bbbbbb", "over": "#e7298a", "front": "#1b9e77", "baseline": "#d95f02", "best": "#7570b3"}
 
 
@@ -203,15 +204,16 @@ def front_figure(done, summary: dict):
                     marker={"color": COLORS["baseline"], "size": 9, "symbol": "x"},
                     hovertext=[", ".join(names[t.number]) + "<br>" + _hover(t) for t in base], hoverinfo="text")
     # Heuristics matched to one budget pile up at the same bits: labels are stacked so that none covers another.
-    xs, ys = [t.values[1] for t in done], [math.log10(max(t.values[0], 1e-12)) for t in done]
+    # Both axes are logarithmic (2-4 bits get half the width, 8 bits stays in view), and plotly places
+    # annotations on a log axis in log10 units.
+    xs, ys = [math.log10(t.values[1]) for t in done], [math.log10(max(t.values[0], 1e-12)) for t in done]
     span = max(max(ys) - min(ys), 0.5)
-    xrange = [min(xs) - 0.25, max(xs) + 1.0]
-    yrange = [min(ys) - 0.08 * span, max(ys) + 0.3 * span]  # room above for stacked labels
-    spots = _label_spots([(t.values[1], math.log10(t.values[0]), names[t.number]) for t in base], xrange, yrange)
-    for t, (lx, ly) in zip(base, spots):
-        fig.add_annotation(x=t.values[1], y=math.log10(t.values[0]), ax=lx, ay=ly, axref="x", ayref="y",
-                           text="<br>".join(names[t.number]), showarrow=True, arrowwidth=0.6, arrowcolor="#999999",
-                           font={"size": 10}, xanchor="left", align="left")
+    xrange = [min(xs) - 0.03, max(xs) + 0.09]  # room on the right for the last label
+    yrange = [min(ys) - 0.08 * span, max(ys) + 0.4 * span]  # room above for stacked labels
+    points = [(math.log10(t.values[1]), math.log10(t.values[0]), names[t.number]) for t in base]
+    for (x, y, label), (lx, ly) in zip(points, _label_spots(points, xrange, yrange, list(zip(xs, ys)))):
+        fig.add_annotation(x=x, y=y, ax=lx, ay=ly, axref="x", ayref="y", text="<br>".join(label), showarrow=True,
+                           arrowwidth=0.6, arrowcolor="#999999", font={"size": 10}, xanchor="left", align="left")
     best = min((t for t in done if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
     if best is not None:
         fig.add_scatter(x=[best.values[1]], y=[best.values[0]], mode="markers", hovertext=[_hover(best)],
@@ -219,16 +221,17 @@ def front_figure(done, summary: dict):
                         marker={"color": COLORS["best"], "size": 16, "symbol": "star"})
     fig.add_vline(x=budget, line={"dash": "dash", "color": COLORS["best"], "width": 1})
     fig.update_layout(title=f"Verified front: {len(done)} plans, budget {budget:g} bits",
-                      xaxis_title="average bits per weight", yaxis_title="KL(fp || plan) per token", yaxis_type="log",
-                      xaxis_range=xrange, yaxis_range=yrange, **LAYOUT)
+                      xaxis_title="average bits per weight", yaxis_title="KL(fp || plan) per token", xaxis_type="log",
+                      yaxis_type="log", xaxis_range=xrange, yaxis_range=yrange, xaxis_tickvals=BIT_TICKS, **LAYOUT)
     return fig
 
 
-def _label_spots(points: list[tuple[float, float, list[str]]], xrange, yrange) -> list[tuple[float, float]]:
+def _label_spots(points: list[tuple[float, float, list[str]]], xrange, yrange,
+                 markers: list[tuple[float, float]] = ()) -> list[tuple[float, float]]:
     """Where to put each point's label (lines of text), in axis units: right of the point, as low as it can go
-    without covering a label placed before it (lowest points first)."""
+    without covering a marker (the points' own and ``markers``) or a label placed before it (lowest first)."""
     ux, uy = (xrange[1] - xrange[0]) / PLOT_PX[0], (yrange[1] - yrange[0]) / PLOT_PX[1]  # axis units per pixel
-    boxes: list[tuple[float, float, float, float]] = []
+    boxes = [(x - 5 * ux, x + 5 * ux, y - 5 * uy, y + 5 * uy) for x, y in [p[:2] for p in points] + list(markers)]
     spots: dict[int, tuple[float, float]] = {}
     for i in sorted(range(len(points)), key=lambda i: points[i][1]):
         x, y, lines = points[i]

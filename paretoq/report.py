@@ -47,9 +47,9 @@ def study_front(study: optuna.Study, baselines: dict[str, int], budget: float) -
 
 def baselines_table(baselines: list[dict], best_kl: float) -> list[str]:
     """Markdown rows comparing each baseline with the best plan within the budget."""
-    lines = ["| baseline | avg bits | KL | KL / best | within budget |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| baseline | trial | avg bits | KL | KL / best | within budget |", "| --- | --- | --- | --- | --- | --- |"]
     for b in baselines:
-        lines.append(f"| {b['name']} | {b['avg_bits']:.3f} | {b['kl']:.4g} | {b['kl'] / best_kl:.2f}x | "
+        lines.append(f"| {b['name']} | {b['trial']} | {b['avg_bits']:.3f} | {b['kl']:.4g} | {b['kl'] / best_kl:.2f}x | "
                      f"{'yes' if b['feasible'] else 'no'} |")
     return lines
 

@@ -163,7 +163,8 @@ def test_the_study_page_renders_in_chromium(searched, tmp_path):
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"])
             try:
                 page = browser.new_page(viewport={"width": 1600, "height": 1000})
-                page.goto(f"http://127.0.0.1:{port}/dashboard/studies/1", timeout=60_000)
+                (study,) = get_json(f"http://127.0.0.1:{port}/api/studies")["study_summaries"]
+                page.goto(f"http://127.0.0.1:{port}/dashboard/studies/{study['study_id']}", timeout=60_000)
                 for text in ("tiny", "KL", "avg_bits", "Verified front", "uniform-2", "knapsack"):
                     page.get_by_text(text).first.wait_for(timeout=60_000)
                 page.locator("[id='user-defined-plot:paretoq-front']").scroll_into_view_if_needed()
@@ -233,10 +234,11 @@ def test_labels_never_overlap():
     ux, uy = (xr[1] - xr[0]) / dashboard.PLOT_PX[0], (yr[1] - yr[0]) / dashboard.PLOT_PX[1]
     boxes = [(x, x + (8 + dashboard.CHAR_PX * max(map(len, p[2]))) * ux, y - dashboard.LINE_PX * len(p[2]) * uy / 2,
               y + dashboard.LINE_PX * len(p[2]) * uy / 2) for (x, y), p in zip(spots, points)]
+    markers = [(x - 5 * ux, x + 5 * ux, y - 5 * uy, y + 5 * uy) for x, y, _ in points]
+    overlap = lambda a, b: a[0] < b[1] and b[0] < a[1] and a[2] < b[3] - 1e-12 and b[2] < a[3] - 1e-12  # noqa: E731
     for i, a in enumerate(boxes):
         assert spots[i][1] >= points[i][1] - 1e-12  # a label never sits below its point
-        for b in boxes[i + 1:]:
-            assert not (a[0] < b[1] and b[0] < a[1] and a[2] < b[3] - 1e-12 and b[2] < a[3] - 1e-12)
+        assert not any(overlap(a, b) for b in boxes[i + 1:] + markers)
 
 
 def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
