@@ -140,7 +140,7 @@ class Publisher:
         from optuna_dashboard import save_note, save_plotly_graph_object
 
         summary = report.study_front(self.study, self.baseline_trials(), self.budget)
-        figures = {"paretoq-front": front_figure(done, summary), "paretoq-hypervolume": hypervolume_figure(self.study),
+        figures = {"paretoq-front": front_figure(done, summary), "paretoq-hypervolume": hypervolume_figure(self.study, done),
                    "paretoq-surrogate": surrogate_figure(done)}
         for graph_id, fig in figures.items():
             if fig is not None:
@@ -172,6 +172,10 @@ class Publisher:
 
 
 # -- figures and the note ------------------------------------------------------------------------
+
+def _log(v: float) -> float:
+    return math.log10(max(v, 1e-12))  # a KL of 0 (or rounding below it) still gets a place on a log axis
+
 
 def _hover(t: optuna.trial.FrozenTrial) -> str:
     a = t.user_attrs
@@ -206,11 +210,11 @@ def front_figure(done, summary: dict):
     # Heuristics matched to one budget pile up at the same bits: labels are stacked so that none covers another.
     # Both axes are logarithmic (2-4 bits get half the width, 8 bits stays in view), and plotly places
     # annotations on a log axis in log10 units.
-    xs, ys = [math.log10(t.values[1]) for t in done], [math.log10(max(t.values[0], 1e-12)) for t in done]
+    xs, ys = [_log(t.values[1]) for t in done], [_log(t.values[0]) for t in done]
     span = max(max(ys) - min(ys), 0.5)
     xrange = [min(xs) - 0.03, max(xs) + 0.09]  # room on the right for the last label
     yrange = [min(ys) - 0.08 * span, max(ys) + 0.4 * span]  # room above for stacked labels
-    points = [(math.log10(t.values[1]), math.log10(t.values[0]), names[t.number]) for t in base]
+    points = [(_log(t.values[1]), _log(t.values[0]), names[t.number]) for t in base]
     for (x, y, label), (lx, ly) in zip(points, _label_spots(points, xrange, yrange, list(zip(xs, ys)))):
         fig.add_annotation(x=x, y=y, ax=lx, ay=ly, axref="x", ayref="y", text="<br>".join(label), showarrow=True,
                            arrowwidth=0.6, arrowcolor="#999999", font={"size": 10}, xanchor="left", align="left")
@@ -246,9 +250,8 @@ def _label_spots(points: list[tuple[float, float, list[str]]], xrange, yrange,
     return [spots[i] for i in range(len(points))]
 
 
-def hypervolume_figure(study: optuna.Study):
+def hypervolume_figure(study: optuna.Study, done):
     """Hypervolume of the feasible front after each trial (optuna-dashboard has no such view)."""
-    done = _completed(study)
     feasible = [t.values[0] for t in done if t.user_attrs.get("feasible")]
     if not feasible:
         return None
