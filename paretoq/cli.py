@@ -16,12 +16,6 @@ from pathlib import Path
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
 
-# Subcommands that later milestones fill in; registered now so `paretoq --help` shows the whole tool.
-PENDING = {
-    "dashboard": "open a study in optuna-dashboard",
-}
-
-
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="local Hugging Face model directory, or 'demo' (default)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model directory's own code to run")
@@ -97,7 +91,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from paretoq.search import SearchConfig, run_search
-    from paretoq.storage import DEFAULT_STORAGE, mask_url
 
     bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
     state = run_search(SearchConfig(
@@ -123,7 +116,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
     print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
-    print(f"inspect: optuna-dashboard {mask_url(args.storage or DEFAULT_STORAGE)}")
+    print(f"inspect: paretoq dashboard --study {state.study.study_name}")
     return 130 if state.interrupted else 0
 
 
@@ -159,6 +152,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     print("next:")
     for line in r.next.splitlines():
         print(f"  {line}")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from paretoq.dashboard import no_auth_warning, open_dashboard
+
+    dash = open_dashboard(study=args.study, storage=args.storage, host=args.host, port=args.port)
+    warning = no_auth_warning(args.host)
+    if warning:
+        print(f"paretoq: {warning}", file=sys.stderr)
+    print(f"study {dash.target.study!r} at {dash.url}", flush=True)
+    print(f"the same by hand: {dash.command}", flush=True)
+    print("Ctrl-C stops it", flush=True)
+    dash.serve_forever()
     return 0
 
 
@@ -191,13 +197,6 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing the on-disk cache")
-
-
-def _pending(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise ParetoqError(f"`paretoq {name}` is not yet available in this version; see `paretoq --help` for what is")
-
-    return run
 
 
 def _interrupt(signum, frame):
@@ -299,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 2=q2_k,3=q3_k,4=q4_k,8=q8_0,fp=f16)")
     p.set_defaults(func=cmd_export)
 
-    for name, help_text in PENDING.items():
-        p = sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)
-        p.set_defaults(func=_pending(name))
+    p = sub.add_parser("dashboard", help="serve a study in optuna-dashboard: the front, baselines, plans and figures")
+    p.add_argument("--study", help="study name (default: the one `paretoq search` used last in this directory)")
+    p.add_argument("--storage", help="Optuna storage URL (default: the one `paretoq search` used last here)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("zoo", help="the bundled demo model")
     zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
@@ -319,9 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`, a container stop) ends a command as Ctrl-C does: cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.command not in PENDING:  # pending commands answer the same to any arguments
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ParetoqError as exc:

@@ -31,13 +31,27 @@ def front_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def front_dict(state) -> dict:
-    trials = {t.number: t for t in completed(state.study)}
+    return study_front(state.study, state.baselines, state.config.budget)
+
+
+def study_front(study: optuna.Study, baselines: dict[str, int], budget: float) -> dict:
+    """``front.json``'s content: the verified front and each baseline (name -> trial number) as points."""
+    trials = {t.number: t for t in completed(study)}
     front = [{"avg_bits": t.values[1], "kl": t.values[0], "source": t.user_attrs.get("source"), "trial": t.number,
-              "feasible": bool(t.user_attrs.get("feasible"))} for t in front_trials(state.study)]
+              "feasible": bool(t.user_attrs.get("feasible"))} for t in front_trials(study)]
     base = [{"name": name, "avg_bits": trials[n].values[1], "kl": trials[n].values[0], "trial": n,
              "feasible": bool(trials[n].user_attrs.get("feasible"))}
-            for name, n in sorted(state.baselines.items(), key=lambda kv: trials[kv[1]].values[1])]
-    return {"study": state.study.study_name, "budget": state.config.budget, "front": front, "baselines": base}
+            for name, n in sorted(baselines.items(), key=lambda kv: trials[kv[1]].values[1])]
+    return {"study": study.study_name, "budget": budget, "front": front, "baselines": base}
+
+
+def baselines_table(baselines: list[dict], best_kl: float) -> list[str]:
+    """Markdown rows comparing each baseline with the best plan within the budget."""
+    lines = ["| baseline | trial | avg bits | KL | KL / best | within budget |", "| --- | --- | --- | --- | --- | --- |"]
+    for b in baselines:
+        lines.append(f"| {b['name']} | {b['trial']} | {b['avg_bits']:.3f} | {b['kl']:.4g} | {b['kl'] / best_kl:.2f}x | "
+                     f"{'yes' if b['feasible'] else 'no'} |")
+    return lines
 
 
 def plot_front(state, path) -> None:
@@ -91,10 +105,7 @@ def report_markdown(state) -> str:
         lines += [f"**Best plan within the budget**: trial {m['trial']} ({m['source']}), KL {m['kl']:.4g}, "
                   f"perplexity {m['ppl']:.3f}, top-1 agreement {m['agreement']:.4f}.", ""]
     best_kl = state.plan.metrics["kl"] if state.plan is not None else math.nan
-    lines += ["## Baselines", "", "| baseline | avg bits | KL | KL / best | within budget |", "| --- | --- | --- | --- | --- |"]
-    for b in fd["baselines"]:
-        lines.append(f"| {b['name']} | {b['avg_bits']:.3f} | {b['kl']:.4g} | {b['kl'] / best_kl:.2f}x | "
-                     f"{'yes' if b['feasible'] else 'no'} |")
+    lines += ["## Baselines", "", *baselines_table(fd["baselines"], best_kl)]
     lines += ["", "## Verified front", "", "| avg bits | KL | source | trial |", "| --- | --- | --- | --- |"]
     lines += [f"| {p['avg_bits']:.3f} | {p['kl']:.4g} | {p['source']} | {p['trial']} |" for p in fd["front"]]
     lines += ["", "## Surrogate", ""]

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from paretoq import baselines as bl
-from paretoq import report
+from paretoq import dashboard, report
 from paretoq.capture import cached_capture
 from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets,
                           read_documents)
@@ -295,6 +295,10 @@ def run_search(cfg: SearchConfig) -> SearchState:
                        "target": cfg.target}.items():
         study.set_user_attr(key, value)
     _enqueue_baselines(study, groups, baseline_bits, created)
+    # What optuna-dashboard shows: figures, note and artifacts (paretoq/dashboard.py).
+    pub = dashboard.Publisher(study, cfg.storage or DEFAULT_STORAGE, out, loaded.adapter, cfg.budget, fp_ppl=ref.ppl,
+                              model={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
+                              baselines={b: _genome_params(groups, bits) for b, bits in baseline_bits.items()})
     children = _spawn_workers(cfg, name) if cfg.jobs > 1 and not cfg.worker else []
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -334,6 +338,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
             attrs["predicted_kl"] = float(surrogate.predict(genome)[0])
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
+        pub.on_trial(trial, plan)
         return r.kl, avg
 
     done = report.completed(study)
@@ -354,6 +359,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     t = time.time()
     deadline = started + cfg.timeout if cfg.timeout else None
     round_no, explore_left, failures, interrupted = 0, 0, 0, False
+    published = 0
     try:
         while deadline is None or time.time() < deadline:
             trials = study.get_trials(deepcopy=False)
@@ -369,6 +375,9 @@ def run_search(cfg: SearchConfig) -> SearchState:
                 time.sleep(min(2.0, cfg.heartbeat))
                 continue
             waiting = any(t.state == WAITING for t in trials)
+            if n_done - published >= cfg.round_size:  # figures and note in the dashboard, as it runs
+                pub.on_round()
+                published = n_done
             if cfg.mode == "surrogate" and not waiting and explore_left == 0:
                 proposals = _propose(surrogate, tables, groups, report.completed(study), cfg,
                                      min(cfg.round_size, cfg.trials - n_done), salt + round_no)
@@ -404,11 +413,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     taus = _kendall_taus(report.completed(study))
 
     done = report.completed(study)
-    names = {}
-    for t in sorted(done, key=lambda t: t.number):
-        source = t.user_attrs.get("source", "")
-        if source.startswith("baseline:"):
-            names.setdefault(source.removeprefix("baseline:"), t.number)
+    names = pub.baseline_trials()
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None
     plan = None
@@ -422,4 +427,5 @@ def run_search(cfg: SearchConfig) -> SearchState:
     state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus, interrupted)
     if not cfg.worker:
         report.write_outputs(state, loaded.adapter)
+        pub.on_finish(features)
     return state

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from paretoq.cli import PENDING, main
+from paretoq.cli import main
 
 
 def run(capsys, *argv):
@@ -69,12 +69,6 @@ def test_info_on_a_directory_that_is_not_a_model(capsys, tmp_path):
     code, _, err = run(capsys, "info", "--model", str(tmp_path))
     assert code == 2 and err.count("\n") == 1
     assert "model_type 't5'" in err and "supported: deepseek_v3, gpt_oss, llama" in err
-
-
-@pytest.mark.parametrize("command", sorted(PENDING))
-def test_pending_commands_exit_2(capsys, command):
-    code, _, err = run(capsys, command, "--budget", "3.0")
-    assert code == 2 and "not yet available" in err and err.count("\n") == 1
 
 
 def test_console_script_exit_codes(tmp_path):

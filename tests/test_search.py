@@ -19,7 +19,7 @@ def _config(model_dir, tmp_path, **kw):
 def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path):
     state = run_search(_config(tiny_search_model_dir, tmp_path))
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["front.json", "front.png", "plan.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["artifacts", "front.json", "front.png", "plan.json", "report.md"]
     plan = json.loads((out / "plan.json").read_text())
     assert plan["format"] == "paretoq.plan/1" and plan["avg_bits"] <= 3.0 and plan["budget"] == 3.0
     assert set(plan["metrics"]) >= {"kl", "ppl", "ppl_fp", "agreement"}
