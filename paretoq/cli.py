@@ -152,6 +152,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print("next:")
     for line in r.next.splitlines():
         print(f"  {line}")
+    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
