@@ -240,11 +240,13 @@ def _label_spots(points: list[tuple[float, float, list[str]]], xrange, yrange,
     for i in sorted(range(len(points)), key=lambda i: points[i][1]):
         x, y, lines = points[i]
         x0, w, h = x + 14 * ux, (8 + CHAR_PX * max(map(len, lines))) * ux, LINE_PX * len(lines) * uy
-        while True:
+        for _ in range(len(boxes) + 1):  # each move clears at least one box, so this many moves suffice
             clash = [b for b in boxes if b[0] < x0 + w and x0 < b[1] and b[2] < y + h / 2 and y - h / 2 < b[3]]
             if not clash:
                 break
-            y = max(b[3] for b in clash) + h / 2
+            # Just above the highest clashing box; the margin keeps rounding from leaving the new box a hair
+            # below it (y - h/2 < top again), which made this loop spin forever.
+            y = max(b[3] for b in clash) + h / 2 + 1e-6 * max(h, uy, 1e-12)
         boxes.append((x0, x0 + w, y - h / 2, y + h / 2))
         spots[i] = (x0, y)
     return [spots[i] for i in range(len(points))]

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import numpy as np
 import urllib.request
 from pathlib import Path
 
@@ -302,3 +304,19 @@ def test_without_optuna_dashboard_the_search_still_publishes_plans(tmp_path, mon
     assert not [k for k in attrs if k.startswith("dashboard:")]  # no figure, no note
     assert main(["dashboard", "--storage", url]) == 2
     assert "pip install 'paretoq[dashboard]'" in capsys.readouterr().err
+
+
+def test_label_spots_end_when_rounding_would_keep_a_box_clashing():
+    """Found in CI: a label moved to just above a clashing box (y = top + h/2) can, in floating point,
+    still reach a hair below that top, clash with the same box again and loop forever. Built here
+    with a marker whose top rounds that way; the label must end clear of it."""
+    from paretoq.dashboard import LINE_PX, PLOT_PX, _label_spots
+
+    xrange, yrange = [0.0, float(PLOT_PX[0])], [-0.8, 0.0]
+    uy = (yrange[1] - yrange[0]) / PLOT_PX[1]
+    h = LINE_PX * uy
+    # a marker height whose box top m has (m + h/2) - h/2 < m (600 of these 200,001 heights do)
+    my = next(y for y in np.linspace(-0.8, 0.0, 200001) if (y + 5 * uy + h / 2) - h / 2 < y + 5 * uy)
+    point = (0.0, float(my), ["a"])  # its label starts at x = 14 px, right over the marker at x = 20 px
+    (lx, ly), = _label_spots([point], xrange, yrange, [(20.0, float(my))])
+    assert ly - h / 2 >= my + 5 * uy  # above the marker's box
