@@ -242,7 +242,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     out = Path(cfg.out) if cfg.out else Path("studies") / name
     if not cfg.worker:
         _check_writable(out)
-    if cfg.worker and cfg.jobs > 1:  # share the cores with the other workers of this machine
+    if cfg.jobs > 1:  # share the cores with the other workers of this machine (this one included)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
     loaded = load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
 
