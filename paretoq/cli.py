@@ -15,6 +15,7 @@ from pathlib import Path
 
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
+from paretoq.storage import HEARTBEAT_SECONDS
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="local Hugging Face model directory, or 'demo' (default)")
@@ -258,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes on this machine, all verifying trials of one study (default 1)")
-    p.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
-                   help="a running trial whose worker is silent for 3 heartbeats is failed and retried (default 30)")
+    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+                   help=f"a running trial whose worker is silent for 3 heartbeats is failed and retried "
+                        f"(default {HEARTBEAT_SECONDS})")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
     p.add_argument("--target", choices=list(TARGETS),
                    help="propose only plans this engine can load (ties groups, restricts bits), e.g. vllm")

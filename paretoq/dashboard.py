@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -46,6 +45,7 @@ from paretoq import report
 from paretoq.cache import atomic_write, atomic_write_text
 from paretoq.errors import ParetoqError
 from paretoq.plan import Plan
+from paretoq.storage import DEFAULT_STORAGE, mask_url
 
 # `paretoq dashboard` with no --storage/--study opens what `paretoq search` used last in this directory.
 LAST_USED = Path("studies") / "last-search.json"
@@ -64,14 +64,9 @@ def dashboard_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("optuna_dashboard", "plotly"))
 
 
-def mask_password(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*):[^/]*@", r"\1:***@", url)
-
-
 def record_last_used(storage: str, study: str) -> None:
     atomic_write_text(LAST_USED, json.dumps({"storage": storage, "study": study}, indent=1) + "\n")
-    if mask_password(storage) != storage:  # the URL holds a password: keep the record to its owner
+    if mask_url(storage) != storage:  # the URL holds a password: keep the record to its owner
         os.chmod(LAST_USED, 0o600)
 
 
@@ -353,8 +348,6 @@ def resolve(study: str | None = None, storage: str | None = None) -> Target:
     last = read_last_used() or {}
     url = storage or last.get("storage")
     if url is None:
-        from paretoq.search import DEFAULT_STORAGE
-
         url = DEFAULT_STORAGE
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise ParetoqError(f"no study storage at {url.removeprefix('sqlite:///')}; run `paretoq search` here first "
@@ -365,18 +358,18 @@ def resolve(study: str | None = None, storage: str | None = None) -> Target:
         rdb = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage=rdb)
     except (SQLAlchemyError, ImportError, ValueError) as exc:  # a malformed URL, no driver, no database server
-        raise ParetoqError(f"cannot open storage {mask_password(url)} ({type(exc).__name__}); "
+        raise ParetoqError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); "
                            f"pass --storage a database URL such as sqlite:///studies/paretoq.db") from None
     if not names:
-        raise ParetoqError(f"storage {mask_password(url)} holds no study; run `paretoq search` first")
+        raise ParetoqError(f"storage {mask_url(url)} holds no study; run `paretoq search` first")
     name = study or (last.get("study") if last.get("storage") == url else None)
     if name is None and len(names) == 1:
         name = names[0]
     if name is None:
-        raise ParetoqError(f"storage {mask_password(url)} holds several studies ({', '.join(names)}); "
+        raise ParetoqError(f"storage {mask_url(url)} holds several studies ({', '.join(names)}); "
                            f"pass --study NAME")
     if name not in names:
-        raise ParetoqError(f"no study {name!r} in {mask_password(url)}; its studies: {', '.join(names)}; "
+        raise ParetoqError(f"no study {name!r} in {mask_url(url)}; its studies: {', '.join(names)}; "
                            f"pass --study with one of them")
     study_id = rdb.get_study_id_from_name(name)
     artifact_dir = rdb.get_study_system_attrs(study_id).get(ARTIFACT_DIR_ATTR)
@@ -385,7 +378,7 @@ def resolve(study: str | None = None, storage: str | None = None) -> Target:
 
 def command_line(target: Target, host: str, port: int) -> str:
     """The optuna-dashboard command that serves the same thing."""
-    args = ["optuna-dashboard", mask_password(target.storage)]
+    args = ["optuna-dashboard", mask_url(target.storage)]
     if target.artifact_dir is not None:
         args += ["--artifact-dir", os.path.relpath(target.artifact_dir)]
     return shlex.join(args + ["--host", host, "--port", str(port)])

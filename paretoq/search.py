@@ -44,7 +44,7 @@ from paretoq.probes.run import cached_features
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
-from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, mask_url, open_storage
+from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
 from paretoq.space import Group, component_bits, load_space, make_groups, min_max_bits, restrict_bits
 from paretoq.surrogate import Surrogate, build_tables, kendall_tau
 
@@ -346,8 +346,11 @@ def run_search(cfg: SearchConfig) -> SearchState:
                disable=not cfg.progress)
     best_kl = min((t.values[0] for t in done if t.user_attrs.get("feasible")), default=math.inf)
 
+    failures = 0  # this worker's failed trials in a row
+
     def on_trial(study_, trial_: optuna.trial.FrozenTrial) -> None:
-        nonlocal best_kl
+        nonlocal best_kl, failures
+        failures = failures + 1 if trial_.state == optuna.trial.TrialState.FAIL else 0
         if trial_.state != COMPLETE:
             return
         bar.update(1)
@@ -358,7 +361,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
 
     t = time.time()
     deadline = started + cfg.timeout if cfg.timeout else None
-    round_no, explore_left, failures, interrupted = 0, 0, 0, False
+    round_no, explore_left, interrupted = 0, 0, False
     published = 0
     try:
         while deadline is None or time.time() < deadline:
@@ -388,12 +391,9 @@ def run_search(cfg: SearchConfig) -> SearchState:
                 explore_left = max(0, cfg.round_size - len(proposals))
                 round_no += 1
                 waiting = bool(proposals)
-            before = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
             study.optimize(objective, n_trials=1, callbacks=[on_trial], catch=(NonFiniteEvaluation,))
             if not waiting:
                 explore_left = max(0, explore_left - 1)
-            failed = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))) > before
-            failures = failures + 1 if failed else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise ParetoqError(f"{failures} trials in a row failed (see their fail_reason); check the model "
                                    "and the calibration data")
@@ -410,9 +410,8 @@ def run_search(cfg: SearchConfig) -> SearchState:
                 child.kill()
     timings["verified trials"] = time.time() - t
     timings["total"] = time.time() - started
-    taus = _kendall_taus(report.completed(study))
-
     done = report.completed(study)
+    taus = _kendall_taus(done)
     names = pub.baseline_trials()
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None

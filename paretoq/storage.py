@@ -9,39 +9,39 @@ nothing beside it.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
-
-import optuna
+from typing import TYPE_CHECKING
 
 from paretoq.errors import ParetoqError
+
+if TYPE_CHECKING:
+    import optuna
 
 DEFAULT_STORAGE = "sqlite:///studies/paretoq.db"
 HEARTBEAT_SECONDS = 30  # a trial on a large model runs minutes; the heartbeat thread beats meanwhile
 GRACE_BEATS = 3  # missed beats before a running trial counts as dead
 MAX_RETRIES = 3  # a plan that kills its worker this often is left failed
 
+# scheme://user:PASSWORD@host...: the password runs to the last "@" before the path, so one that
+# holds an unencoded "@" is still masked whole (SQLAlchemy's own rendering leaks its tail).
+_CREDENTIALS = re.compile(r"^([A-Za-z][\w+.-]*://[^:/@]*):([^/]*)@")
+
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, for logs and reports."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: show only its scheme
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, for logs and reports."""
+    return _CREDENTIALS.sub(r"\1:***@", url)
 
 
 def _password(url: str) -> str | None:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).password
-    except Exception:
-        return None
+    m = _CREDENTIALS.match(url)
+    return m.group(2) if m else None
 
 
 def open_storage(url: str | None = None, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
+    import optuna  # here, not at the top: the CLI reads this module's constants at start-up
+
     url = url or DEFAULT_STORAGE
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         try:

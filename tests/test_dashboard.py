@@ -20,6 +20,7 @@ from paretoq import dashboard
 from paretoq.cli import main
 from paretoq.plan import Plan
 from paretoq.search import SearchConfig, run_search
+from paretoq.storage import mask_url
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -223,9 +224,9 @@ def test_another_host_warns_that_there_is_no_authentication(storage, monkeypatch
 
 
 def test_passwords_are_masked():
-    assert dashboard.mask_password("postgresql://me:s3cr@t@db:5432/x") == "postgresql://me:***@db:5432/x"
-    assert dashboard.mask_password("sqlite:///studies/paretoq.db") == "sqlite:///studies/paretoq.db"
-    assert dashboard.mask_password("redis://:pw@host:6379") == "redis://:***@host:6379"
+    assert mask_url("postgresql://me:s3cr@t@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert mask_url("sqlite:///studies/paretoq.db") == "sqlite:///studies/paretoq.db"
+    assert mask_url("redis://:pw@host:6379") == "redis://:***@host:6379"
 
 
 def test_labels_never_overlap():
