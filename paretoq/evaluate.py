@@ -187,6 +187,37 @@ class Assembler:
                     self.adapter.set_weight(key, self._originals[key])
 
 
+class PlanEvaluator:
+    """Evaluates plans (component key -> bits) against the fp model on named parts of the eval windows.
+
+    This is the one door through which the search, the sensitivity pass and the baselines measure a
+    plan: ``evaluate(bits, part)`` gives the KL, perplexity and agreement of the model with those
+    components at those widths (from ``weight_of``), the rest in full precision. ``parts`` names
+    disjoint window sets, e.g. ``{"select": ..., "test": ...}``: the search selects on one and
+    reports on the other. Each part's fp reference is computed once, on first use.
+    """
+
+    def __init__(self, loaded: LoadedModel, weight_of, parts: dict[str, TokenSet], use_cache: bool = True):
+        self.loaded = loaded
+        self.parts = parts
+        self.use_cache = use_cache
+        self._assembler = Assembler(loaded.adapter, weight_of)
+        self._refs: dict[str, Reference] = {}
+        self.evaluations = 0  # plans evaluated so far, for cost accounting
+
+    def reference(self, part: str) -> Reference:
+        if part not in self._refs:
+            self._refs[part] = cached_reference(self.loaded, self.parts[part], use_cache=self.use_cache)
+        return self._refs[part]
+
+    def evaluate(self, bits: dict[str, int], part: str) -> EvalResult:
+        ref = self.reference(part)
+        with self._assembler.apply(bits):
+            result = evaluate(self.loaded.model, ref)
+        self.evaluations += 1
+        return result
+
+
 def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,
                 limit: int | None = None) -> dict:
     """Run lm-eval in-process on ``model`` (offline). ``tasks``: names or task config dicts.
