@@ -20,7 +20,7 @@ from paretoq.errors import ParetoqError
 
 # Bumped when what is cached changes meaning, so stale entries are never read.
 CACHE_VERSION = 1
-_EDGE_BYTES = 1 << 20
+_HEADER_LIMIT = 100 << 20  # safetensors caps its header at 100 MB
 
 
 def cache_root() -> Path:
@@ -77,19 +77,21 @@ def digest(*parts) -> str:
 
 
 def model_fingerprint(model_dir: Path) -> str:
-    """Hash of the config and of each weight file's size, head and tail.
+    """Hash of the config and, per weight file, its name, size, modification time and tensor header.
 
-    Reading whole checkpoints (hundreds of GB for large MoEs) would take minutes; a retrained or
-    edited checkpoint changes its header (tensor offsets, metadata) or its bytes at the edges.
+    Hashing the contents of a checkpoint (hundreds of GB for large MoEs) would take minutes on every
+    run. A safetensors header lists every tensor's name, dtype, shape and byte range; a fine-tune
+    with the same shapes rewrites the files, so their modification times change, and a copy that
+    keeps times (``cp -p``) of another checkpoint still differs in size or header. What this misses
+    is an edit in place that keeps size, header and time: pass ``--no-cache`` after such an edit.
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
     for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(_EDGE_BYTES))
-            if size > _EDGE_BYTES:
-                fh.seek(max(_EDGE_BYTES, size - _EDGE_BYTES))
-                h.update(fh.read())
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if f.suffix == ".safetensors" and len(head) == 8 else 0
+            h.update(fh.read(min(n, _HEADER_LIMIT)))
     return h.hexdigest()[:20]

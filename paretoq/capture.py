@@ -226,7 +226,7 @@ class _Recorder:
         self.batch_start += batch_tokens
         self._siblings = ("", [])  # release the held inputs
 
-    def attach(self, layers: set[int] | None = None) -> None:
+    def attach(self, layers: set[int] | None = None, stop: bool = True) -> None:
         a = self.adapter
         modules = dict(a.model.named_modules())
         wanted = (lambda i: True) if layers is None else (lambda i: i in layers)
@@ -245,11 +245,11 @@ class _Recorder:
             if mlp is not None and norm is not None and wanted(i) and self.block_positions.numel():
                 self.handles.append(norm.register_forward_pre_hook(self.block_in_hook(i)))
                 self.handles.append(mlp.register_forward_hook(self.block_out_hook(i)))
-        if layers is not None and layers:
-            def stop(module, args, output):
+        if stop and layers:
+            def stop_here(module, args, output):
                 raise _StopForward
 
-            self.handles.append(a.layers[max(layers)].register_forward_hook(stop))
+            self.handles.append(a.layers[max(layers)].register_forward_hook(stop_here))
 
     def detach(self) -> None:
         for h in self.handles:

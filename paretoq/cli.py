@@ -47,7 +47,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     result = probe(
         model=args.model, calib=args.calib, out=args.out, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
-        device=args.device, use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
+        device=args.device, max_memory=args.max_memory, use_cache=not args.no_cache,
+        trust_remote_code=args.trust_remote_code,
     )
     print(format_summary(result))
     return 0
@@ -59,7 +60,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     r = quantize(
         plan=args.plan, out=args.out, model=args.model, uniform=args.uniform, calib=args.calib,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
-        device=args.device, trust_remote_code=args.trust_remote_code,
+        device=args.device, dtype=args.dtype, max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
     )
     print(f"wrote {r.out}: {len(r.plan.bits)} components at {r.avg_bits:.3f} average bits, "
           f"{r.size_bytes / 1e6:.2f} MB of codes, scales and zeros ({r.seconds:.1f} s)")
@@ -76,8 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plans=args.plan or [], uniform=args.uniform or [], model=args.model, calib=args.calib,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
-        device=args.device, use_cache=not args.no_cache, trust_remote_code=args.trust_remote_code,
-        progress=not args.json,
+        device=args.device, dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
+        trust_remote_code=args.trust_remote_code, progress=not args.json,
     )
     if args.json:
         rows = [p.to_dict() for p in report.plans]
@@ -99,6 +100,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         timeout=args.timeout, seed=args.seed, study=args.study, storage=args.storage,
         out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
+        dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
         progress=not args.worker, target=args.target,
     ))
@@ -196,9 +198,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help=f"evaluation tokens kept out of calibration (default {DEFAULT_EVAL_TOKENS})")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"window length (default {DEFAULT_SEQ_LEN})")
     p.add_argument("--seed", type=int, default=0, help="seed for the windows and every random choice (default 0)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (default: the checkpoint's own; float32 for the demo), bfloat16, "
+                        "float16 or float32")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--no-cache", action="store_true", help="recompute instead of reusing the on-disk cache")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory the model's weights may hold on the device, e.g. 24GB: a model that fits is kept "
+                        "there once read, a larger one is streamed layer by layer; 0 always streams "
+                        "(default: half of what is available)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute every cache entry (capture, quant cache, reference) and overwrite it")
 
 
 def _interrupt(signum, frame):

@@ -5,14 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from paretoq.capture import cached_capture
+from paretoq.calibrate import prepare
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
-from paretoq.evaluate import Assembler, EvalResult, cached_reference, evaluate, run_lm_eval
-from paretoq.models import load_model
+from paretoq.evaluate import Assembler, EvalResult, StreamedEvaluator, run_lm_eval
 from paretoq.plan import Plan
-from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import BITS
+from paretoq.walk import open_model
 
 
 @dataclass
@@ -60,6 +59,8 @@ def eval_plans(
     lm_eval: list[str] = (),
     lm_eval_limit: int | None = None,
     device: str = "cpu",
+    dtype: str | None = None,
+    max_memory: str | int | None = None,
     use_cache: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
@@ -72,28 +73,34 @@ def eval_plans(
     if not named and not uniform:
         raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
     docs = read_documents(calib)
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
-    named += [(f"uniform-{b}", Plan.uniform(loaded.adapter, b)) for b in uniform]
+    sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
+    named += [(f"uniform-{b}", Plan.uniform(sm.adapter, b)) for b in uniform]
     for _, plan in named:
-        plan.validate(loaded.adapter)  # every check before any work
-    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
-    ref = cached_reference(loaded, sets.eval, use_cache=use_cache)
-    cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=seed, use_cache=use_cache, progress=progress)
-    caches: dict = {}
+        plan.validate(sm.adapter)  # every check before any work
     tasks = expand_tasks(list(lm_eval))
+    sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
+    parts = {"eval": sets.eval}
     report = EvalReport([])
-    if tasks:
-        report.fp_lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
+    by_settings: dict = {}
     for name, plan in named:
-        if plan.quant not in caches:
-            caches[plan.quant] = QuantCache(loaded.adapter, cap, cap_key, plan.quant)
-        cache = caches[plan.quant]
-        cache.fill(bits=tuple(sorted(set(plan.bits.values()))), progress=progress)
-        with Assembler(loaded.adapter, cache.weight).apply(plan.bits):
-            result = evaluate(loaded.model, ref)
-            scores = run_lm_eval(loaded.model, loaded.tokenizer, tasks, max_length=seq_len,
-                                 limit=lm_eval_limit) if tasks else {}
-        a = loaded.adapter
+        by_settings.setdefault(plan.quant, set()).update(plan.bits.values())
+    evaluators = {}
+    for settings, widths in by_settings.items():  # one walk per quantizer setting (usually one)
+        prep = prepare(sm, sets.calib, parts, settings, tuple(sorted(widths)), seed=seed, features=False,
+                       use_cache=use_cache, progress=progress)
+        evaluators[settings] = (StreamedEvaluator(sm, prep.cache.weight, parts, prep.references), prep.cache)
+    if tasks:
+        sm.materialize_all()
+        report.fp_lm_eval = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len,
+                                        limit=lm_eval_limit)
+    for name, plan in named:
+        ev, cache = evaluators[plan.quant]
+        result = ev.evaluate(plan.bits, "eval")
+        scores = {}
+        if tasks:  # lm-eval runs the whole model: it needs it resident, with the plan's weights in
+            with Assembler(sm.adapter, cache.weight).apply(plan.bits):
+                scores = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
+        a = sm.adapter
         report.plans.append(PlanEval(name, plan.avg_bits(a), plan.effective_bits(a), plan.size_bytes(a), result, scores))
     return report
 

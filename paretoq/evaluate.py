@@ -18,6 +18,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -216,6 +217,107 @@ class PlanEvaluator:
             result = evaluate(self.loaded.model, ref)
         self.evaluations += 1
         return result
+
+
+class DiskLogprobs:
+    """Exact fp log-probs ``[N, T-1, V]`` stored one batch of windows per file and read batch by batch
+    (Qwen3's 151,936-token vocabulary makes 8,192 eval tokens 5 GB in float32)."""
+
+    def __init__(self, directory: Path, batch_size: int, num_windows: int):
+        self.directory, self.batch_size, self.num_windows = Path(directory), batch_size, num_windows
+
+    def file(self, i: int) -> Path:
+        return self.directory / f"batch{i}.safetensors"
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.num_windows)
+        first, last = start // self.batch_size, (stop - 1) // self.batch_size
+        parts = [load(self.file(i).read_bytes())["logprobs"] for i in range(first, last + 1)]
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        offset = first * self.batch_size
+        return t[start - offset : stop - offset]
+
+
+def _metrics_batch(ref: Reference, rows: slice, lq: torch.Tensor, batch: torch.Tensor) -> tuple[float, float, int]:
+    """(sum of KL, sum of NLL, top-1 agreements) over one batch; the reference's rows go to ``lq``'s device."""
+    if ref.exact:
+        lp = ref.logprobs[rows].to(lq.device)
+        kl = (lp.exp() * (lp - lq)).sum().item()
+    else:
+        kl = _kl_batch(ref, rows, lq.cpu()).item()
+    nll = -lq.gather(-1, batch[:, 1:, None].to(lq.device)).sum().item()
+    agree = (lq.argmax(-1).cpu() == ref.argmax[rows]).sum().item()
+    return kl, nll, agree
+
+
+class StreamedEvaluator(PlanEvaluator):
+    """`PlanEvaluator` over the layer walk: a plan is measured by walking the layers over a part's
+    eval windows, each layer's components at the plan's widths from the quant cache.
+
+    The inputs of every layer under the last plan evaluated on a part are kept (on the device), so
+    a plan that agrees with it on layers ``0..L-1`` starts at layer ``L``: a local proposal that
+    changes one group in the last layers, or a sensitivity measurement of one layer, costs the
+    layers from its first change on. Memory: one layer's weights (or the resident model) plus
+    ``(layers + 1) x`` the part's activations (``windows x seq_len x hidden`` in the compute dtype).
+    """
+
+    def __init__(self, sm, weight_of, parts: dict[str, TokenSet], references: dict[str, Reference],
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        self.sm, self.weight_of, self.parts, self._refs = sm, weight_of, parts, dict(references)
+        self.batch_size = batch_size
+        self.evaluations = 0
+        self.layers_run = 0  # decoder-layer passes over a part, for cost accounting
+        self._prefix: dict[str, tuple[list[tuple], list[list[torch.Tensor]]]] = {}
+
+    def reference(self, part: str) -> Reference:
+        return self._refs[part]
+
+    @contextmanager
+    def _swapped(self, bits: dict[str, int]) -> Iterator[None]:
+        adapter = self.sm.adapter
+        saved = {k: adapter.weight(k).detach().clone() for k in bits} if self.sm.resident else {}
+        try:
+            for key, b in bits.items():
+                adapter.set_weight(key, self.weight_of(key, b))
+            yield
+        finally:
+            for key, W in saved.items():
+                adapter.set_weight(key, W)
+
+    @torch.no_grad()
+    def evaluate(self, bits: dict[str, int], part: str) -> EvalResult:
+        sm, ref = self.sm, self._refs[part]
+        ids = self.parts[part].input_ids
+        n, bs = sm.num_layers, self.batch_size
+        shapes = [tuple(ids[s : s + bs].shape) for s in range(0, ids.shape[0], bs)]
+        by_layer: dict[int, dict[str, int]] = {}
+        for key, b in bits.items():
+            by_layer.setdefault(sm.adapter.component(key).layer, {})[key] = b
+        sigs = [tuple(sorted(by_layer.get(i, {}).items())) for i in range(n)]
+        old_sigs, inputs = self._prefix.get(part, (None, None))
+        start = 0
+        if old_sigs is not None:
+            while start < n and old_sigs[start] == sigs[start]:
+                start += 1
+            inputs = inputs[: start + 1]
+        else:
+            inputs = [sm.embed(ids, bs)]
+        h = inputs[start]
+        for i in range(start, n):
+            with sm.layer(i) as layer, self._swapped(by_layer.get(i, {})):
+                h = [sm.run(i, layer, x, shape) for x, shape in zip(h, shapes)]
+            inputs.append(h)
+            self.layers_run += 1
+        self._prefix[part] = (sigs, inputs)
+        kl = nll = agree = 0.0
+        for j, x in enumerate(h):
+            rows = slice(j * bs, j * bs + shapes[j][0])
+            k, l_, a = _metrics_batch(ref, rows, sm.logprobs(x), ids[rows])
+            kl, nll, agree = kl + k, nll + l_, agree + a
+        self.evaluations += 1
+        tokens = ids[:, 1:].numel()
+        return EvalResult(kl=max(kl / tokens, 0.0), ppl=math.exp(nll / tokens), ppl_fp=ref.ppl,
+                          agreement=agree / tokens, tokens=tokens, exact_kl=ref.exact)
 
 
 def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,

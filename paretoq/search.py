@@ -32,21 +32,20 @@ from tqdm import tqdm
 
 from paretoq import baselines as bl
 from paretoq import dashboard, report
-from paretoq.capture import cached_capture
+from paretoq.calibrate import prepare
 from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets,
                           read_documents)
 from paretoq.errors import ParetoqError
-from paretoq.evaluate import Assembler, cached_reference, compute_reference, evaluate
+from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.targets import target_space
 from paretoq.models import load_model
 from paretoq.plan import Plan, check_budget
-from paretoq.probes.run import cached_features
 from paretoq.probes.sensitivity import measure_sensitivity
-from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
 from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
 from paretoq.space import Group, component_bits, load_space, make_groups, min_max_bits, restrict_bits
 from paretoq.surrogate import Surrogate, build_tables, kendall_tau
+from paretoq.walk import open_model
 
 MODES = ("surrogate", "nsga2", "random")
 SURROGATE_SHARE = 0.7  # of each round; the rest is Optuna's NSGA-II exploring on its own
@@ -79,6 +78,9 @@ class SearchConfig:
     worker: bool = False  # a worker started by --jobs: verifies trials, writes no outputs
     heartbeat: int = HEARTBEAT_SECONDS
     device: str = "cpu"
+    dtype: str | None = None  # None: the checkpoint's own (float32 for the demo)
+    max_memory: str | int | None = None  # None: keep the model resident when it fits, else stream
+    use_cache: bool = True
     progress: bool = True
     trust_remote_code: bool = False
     target: str | None = None  # an export target (paretoq.export.TARGETS): propose only plans it can load
@@ -138,6 +140,8 @@ def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
     args += ["--bits", ",".join(map(str, cfg.bits))] if cfg.bits else []
     args += ["--timeout", str(cfg.timeout)] if cfg.timeout else []
     args += ["--trust-remote-code"] if cfg.trust_remote_code else []
+    args += ["--dtype", cfg.dtype] if cfg.dtype else []
+    args += ["--max-memory", str(cfg.max_memory)] if cfg.max_memory is not None else []
     args += ["--target", cfg.target] if cfg.target else []
     return [subprocess.Popen(args, stdout=subprocess.DEVNULL) for _ in range(cfg.jobs - 1)]
 
@@ -244,27 +248,29 @@ def run_search(cfg: SearchConfig) -> SearchState:
         _check_writable(out)
     if cfg.jobs > 1:  # share the cores with the other workers of this machine (this one included)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
-    loaded = load_model(cfg.model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
+                    trust_remote_code=cfg.trust_remote_code)
+    loaded = sm.loaded
 
-    # -- setup: every step cached on disk ------------------------------------------------------
+    # -- setup: one walk over the layers fills every cache (capture, features, quant, reference) ---
     t = time.time()
     sets = load_token_sets(loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
                            documents=docs)
     storage = open_storage(cfg.storage, cfg.heartbeat)  # a bad URL fails now, before the long work
-    ref = cached_reference(loaded, sets.eval)
-    cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=cfg.seed, progress=cfg.progress)
-    features = cached_features(loaded, cap, cap_key, seed=cfg.seed)
+    n_sens = max(1, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
+    parts = {"eval": sets.eval, "sensitivity": TokenSet(sets.eval.input_ids[:n_sens], sets.eval.source)}
     settings = QuantSettings()
-    cache = QuantCache(loaded.adapter, cap, cap_key, settings)
-    cache.fill(bits=tuple(sorted({b for g in groups for b in g.choices})), progress=cfg.progress)
+    widths = tuple(sorted({b for g in groups for b in g.choices}))
+    prep = prepare(sm, sets.calib, parts, settings, widths, seed=cfg.seed, use_cache=cfg.use_cache,
+                   progress=cfg.progress)
+    features, cache, cap_key = prep.features, prep.cache, prep.capture_key
+    evaluator = StreamedEvaluator(sm, cache.weight, parts, prep.references)
+    ref = evaluator.reference("eval")
     timings["setup (capture, probes, quant cache, reference)"] = time.time() - t
     t = time.time()
-    n_sens = max(1, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
-    sens_set = TokenSet(sets.eval.input_ids[:n_sens], sets.eval.source)
-    assembler = Assembler(loaded.adapter, cache.weight)
-    sens_ref = compute_reference(loaded.model, sens_set)
-    sensitivity = measure_sensitivity(assembler, groups, sens_ref, progress=cfg.progress,
-                                      cache_key=f"{cap_key}/{settings.to_dict()}/{sens_set.fingerprint()}")
+    sensitivity = measure_sensitivity(lambda bits: evaluator.evaluate(bits, "sensitivity").kl, groups,
+                                      progress=cfg.progress,
+                                      cache_key=f"{cap_key}/{settings.to_dict()}/{parts['sensitivity'].fingerprint()}")
     timings["measured sensitivity"] = time.time() - t
     by_key = features.by_key()
     usage = {g.name: float(np.mean([by_key[k].usage for k in g.keys])) for g in groups}
@@ -320,8 +326,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
         comp_bits = component_bits(groups, tables.plan_bits(genome))
         plan = Plan(comp_bits, settings)
         try:
-            with assembler.apply(comp_bits):
-                r = evaluate(loaded.model, ref)
+            r = evaluator.evaluate(comp_bits, "eval")
         except KeyboardInterrupt:  # Optuna fails this trial; an enqueued plan goes back in the queue
             _give_back(study, me)
             raise

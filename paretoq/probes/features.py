@@ -69,8 +69,11 @@ class Features:
         return buf.getvalue()
 
 
-def compute_features(adapter: Adapter, capture: Capture, alpha: float = ALPHA, seed: int = 0) -> Features:
-    outliers = outlier_scores(adapter)
+def compute_features(adapter: Adapter, capture: Capture, alpha: float = ALPHA, seed: int = 0,
+                     outliers: dict[str, float] | None = None) -> Features:
+    """Features of every component; ``outliers`` are the weight outlier scores when the weights are
+    not in ``adapter`` (the layer walk computes them while each layer is read)."""
+    outliers = outlier_scores(adapter) if outliers is None else outliers
     usage: dict[str, float] = {}
     significance: dict[str, float] = {}
     jenks: dict[int, dict] = {}

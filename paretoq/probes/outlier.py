@@ -23,10 +23,13 @@ def outlier_score(W: torch.Tensor) -> float:
     return outlier_scores_batched(W).item()
 
 
-def outlier_scores(adapter: Adapter) -> dict[str, float]:
-    """Every component's score; a layer's routed experts share shapes, so each projection is one batch."""
+def outlier_scores(adapter: Adapter, layer: int | None = None) -> dict[str, float]:
+    """Every component's score (of one decoder layer when ``layer`` is given); a layer's routed
+    experts share shapes, so each projection is one batch."""
     scores: dict[str, float] = {}
     for b in adapter.moe_blocks:
+        if layer is not None and b.layer != layer:
+            continue
         for proj in ("gate_proj", "up_proj", "down_proj"):
             keys = [f"{b.experts_path}.{e}.{proj}" for e in range(b.num_experts)]
             keys = [k for k in keys if adapter.has(k)]
@@ -34,6 +37,6 @@ def outlier_scores(adapter: Adapter) -> dict[str, float]:
                 batch = outlier_scores_batched(torch.stack([adapter.weight(k) for k in keys]))
                 scores.update(zip(keys, batch.tolist()))
     for c in adapter.components:
-        if c.key not in scores:
+        if c.key not in scores and (layer is None or c.layer == layer):
             scores[c.key] = outlier_score(adapter.weight(c))
     return scores

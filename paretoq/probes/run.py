@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest
-from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, cached_capture, capture_key
+from paretoq.calibrate import prepare
+from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
-from paretoq.models import load_model
 from paretoq.probes import cosine
 from paretoq.probes.features import Features, compute_features
 from paretoq.probes.plot import plot_features
 from paretoq.probes.significance import ALPHA
+from paretoq.walk import open_model
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ def probe(
     alpha: float = ALPHA,
     batch_size: int = DEFAULT_BATCH_SIZE,
     block_samples: int = DEFAULT_BLOCK_SAMPLES,
-    dtype: str = "float32",
+    dtype: str | None = None,
     device: str = "cpu",
+    max_memory: str | int | None = None,
     use_cache: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
@@ -50,18 +52,12 @@ def probe(
     """
     started = time.time()
     docs = read_documents(calib)  # a bad text file fails before minutes of model loading
-    # Keys come from the config, files and tokens: weights are loaded only when something is missing.
-    meta = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, weights=False)
-    sets = load_token_sets(meta.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
-    cap_key = capture_key(meta, sets.calib, block_samples, seed)
-    feat_path = features_cache_path(cap_key, alpha, seed)
-    feats_cached = cap_cached = use_cache and feat_path.is_file()
-    if feats_cached:
-        features = Features.from_dict(json.loads(feat_path.read_text()))
-    else:
-        loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-        cap, _, cap_cached = cached_capture(loaded, sets.calib, batch_size, block_samples, seed, use_cache, progress)
-        features = cached_features(loaded, cap, cap_key, alpha, seed, use_cache)
+    sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
+    sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
+    prep = prepare(sm, sets.calib, {}, seed=seed, block_samples=block_samples, batch_size=batch_size, alpha=alpha,
+                   use_cache=use_cache, progress=progress)
+    features = prep.features
+    feats_cached = cap_cached = not prep.walked
     out = Path(out)
     files = {"json": out / "features.json", "csv": out / "features.csv", "png": out / "probes.png"}
     atomic_write_text(files["json"], json.dumps(features.to_dict(), indent=1) + "\n")

@@ -9,13 +9,16 @@ import json
 from tqdm import tqdm
 
 from paretoq.cache import atomic_write_text, cache_root, digest
-from paretoq.evaluate import Assembler, Reference, evaluate
+from collections.abc import Callable
+
 from paretoq.space import Group
 
 
-def measure_sensitivity(assembler: Assembler, groups: list[Group], ref: Reference, cache_key: str | None = None,
-                        progress: bool = True) -> dict[str, dict[int, float]]:
-    """``{group: {bits: KL}}``, cached on disk under ``cache_key`` (None: not cached)."""
+def measure_sensitivity(evaluate_kl: Callable[[dict[str, int]], float], groups: list[Group],
+                        cache_key: str | None = None, progress: bool = True) -> dict[str, dict[int, float]]:
+    """``{group: {bits: KL}}``, cached on disk under ``cache_key`` (None: not cached).
+
+    ``evaluate_kl(bits)`` measures a plan (component key -> bits, the rest in full precision)."""
     path = cache_root() / "sensitivity" / f"{digest('sensitivity', cache_key, [g.name for g in groups])}.json" \
         if cache_key else None
     if path is not None and path.is_file():
@@ -24,8 +27,7 @@ def measure_sensitivity(assembler: Assembler, groups: list[Group], ref: Referenc
     out: dict[str, dict[int, float]] = {}
     jobs = [(g, b) for g in groups for b in g.choices]
     for g, b in tqdm(jobs, desc="sensitivity", unit="eval", disable=not progress):
-        with assembler.apply({k: b for k in g.keys}):
-            out.setdefault(g.name, {})[b] = evaluate(assembler.adapter.model, ref).kl
+        out.setdefault(g.name, {})[b] = evaluate_kl({k: b for k in g.keys})
     if path is not None:
         atomic_write_text(path, json.dumps(out))
     return out

@@ -1,4 +1,11 @@
-"""Quantize a set of components from a capture's Hessians: experts batched, RTN where no token came."""
+"""Quantize a set of components from a capture's Hessians: experts batched, RTN where too few tokens came.
+
+A routed expert that received fewer than ``MIN_TOKENS`` calibration tokens has a Hessian of rank
+below that count: GPTQ's error feedback would fit those few tokens (or, at zero tokens, divide by
+an empty Hessian) rather than the expert's real inputs. Such components are rounded to nearest on
+the same grid instead, listed in ``rtn_fallback``, and recorded as such in the quant cache, the
+checkpoint and the search's report. Their loss is unknown (no Hessian): NaN in memory, null on disk.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +24,20 @@ from paretoq.quant.quantizer import QuantizedTensor, QuantSettings, rtn
 class QuantizedComponents:
     tensors: dict[str, QuantizedTensor] = field(default_factory=dict)
     loss: dict[str, float] = field(default_factory=dict)  # GPTQ's error proxy (NaN for RTN fallbacks)
-    rtn_fallback: list[str] = field(default_factory=list)  # experts no calibration token reached
+    rtn_fallback: list[str] = field(default_factory=list)  # experts below MIN_TOKENS calibration tokens
+    tokens: dict[str, int] = field(default_factory=dict)  # calibration tokens each component saw
 
     def update(self, other: QuantizedComponents) -> None:
         self.tensors.update(other.tensors)
         self.loss.update(other.loss)
         self.rtn_fallback.extend(other.rtn_fallback)
+        self.tokens.update(other.tokens)
+
+
+# Fewer calibration tokens than this and a component is rounded to nearest (see the module docstring).
+# A handful: GPTQ with a damped Hessian still helps from a few dozen tokens, while one or two tokens
+# give a rank-1 or rank-2 Hessian that GPTQ overfits.
+MIN_TOKENS = 4
 
 
 def quantize_components(
@@ -42,8 +57,9 @@ def quantize_components(
         batches[group].append(key)
     for keys in batches.values():
         b = bits[keys[0]]
-        seen = [k for k in keys if capture.tokens.get(k, 0) > 0]
+        seen = [k for k in keys if capture.tokens.get(k, 0) >= MIN_TOKENS]
         for k in keys:
+            out.tokens[k] = int(capture.tokens.get(k, 0))
             if k not in seen:
                 out.tensors[k] = rtn(adapter.weight(k), b, settings.group_size, settings.sym)
                 out.loss[k] = float("nan")

@@ -1,15 +1,23 @@
 """The quant cache: every component GPTQ-quantized once per bit width from the full-precision capture.
 
 The search assembles candidates from it (a trial costs an evaluation, not a quantization). One
-entry per (layer, bits) holds that layer's components: codes, scales, zeros and GPTQ's loss, as
-safetensors, written atomically. Entries are keyed by the capture key (model fingerprint,
-calibration tokens, dtype), the quantizer settings, the layer and the width, so a second run
-with the same inputs quantizes nothing and a change of data or settings misses.
+entry per (layer, bits) holds that layer's components: codes, scales, zeros, GPTQ's loss and
+whether the component fell back to round-to-nearest, as safetensors, written atomically. Entries
+are keyed by the capture key (model fingerprint, calibration tokens, dtype), the quantizer
+settings, the layer and the width, so a second run with the same inputs quantizes nothing and a
+change of data or settings misses.
+
+Entries are written by the calibration walk (`paretoq.calibrate`), layer by layer, or by ``fill``
+from an in-memory capture. They stay packed on disk and are read lazily; at most
+``max_entries`` (layer, width) entries are held in memory at once (least recently used goes
+first), so memory is bounded by that many layers' codes, not by the model. GPTQ's losses are read
+from the entries' headers alone.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -29,16 +37,22 @@ def _metadata(blob: bytes) -> dict:
     return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
 
 
+# Entries held in memory: a few layers' codes (uint8, one byte a weight), so that evaluating a plan
+# layer by layer reads each entry once while the ones it needs next stay loaded.
+DEFAULT_MAX_ENTRIES = 8
+
+
 class QuantCache:
-    def __init__(self, adapter: Adapter, capture: Capture, capture_key: str, settings: QuantSettings,
-                 root: Path | None = None):
+    def __init__(self, adapter: Adapter, capture: Capture | None, capture_key: str, settings: QuantSettings,
+                 root: Path | None = None, max_entries: int = DEFAULT_MAX_ENTRIES):
         self.adapter = adapter
-        self.capture = capture
+        self.capture = capture  # None: entries come from the calibration walk (``write``)
         self.settings = settings
         self.root = Path(root) if root is not None else cache_root() / "quant"
         self._key = digest("quant", capture_key, settings.to_dict(), settings.block_size)
         self._layers = sorted({c.layer for c in adapter.components})
-        self._loaded: dict[tuple[int, int], dict[str, QuantizedTensor]] = {}
+        self._loaded: OrderedDict[tuple[int, int], dict[str, QuantizedTensor]] = OrderedDict()
+        self.max_entries = max(1, max_entries)
         self.loss: dict[tuple[str, int], float] = {}
         self.rtn_fallback: set[str] = set()
         self.computed = 0  # entries quantized by this object (0 on a full cache hit)
@@ -52,6 +66,47 @@ class QuantCache:
         for layer, b in tqdm(todo, desc="quant cache", unit="entry", disable=not progress):
             self._entry(layer, b)
 
+    def has(self, layer: int, bits: int) -> bool:
+        """Whether the entry is on disk and its header reads (its tensors are checked when loaded)."""
+        path = self.path(layer, bits)
+        if not path.is_file():
+            return False
+        try:
+            self._read_losses(path, bits)
+            return True
+        except Exception:
+            return False
+
+    def missing(self, bits: tuple[int, ...]) -> list[tuple[int, int]]:
+        return [(layer, b) for layer in self._layers for b in bits if not self.has(layer, b)]
+
+    def load_losses(self, bits: tuple[int, ...]) -> None:
+        """GPTQ's loss of every component at each width into ``loss``, from the entries' headers."""
+        for layer in self._layers:
+            for b in bits:
+                self._read_losses(self.path(layer, b), b)
+
+    def write(self, layer: int, bits: int, q) -> None:
+        """Store the layer's quantized components at ``bits`` (a `QuantizedComponents`)."""
+        tensors, meta = {}, {}
+        for key, t in q.tensors.items():
+            tensors[f"{key}/codes"] = t.codes.contiguous().cpu()
+            tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
+            tensors[f"{key}/zeros"] = t.zeros.contiguous().cpu()
+            loss = q.loss[key]
+            meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
+                         "tokens": q.tokens.get(key, 0)}
+        path = self.path(layer, bits)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
+        self.computed += 1
+        self._note(meta, bits)
+
+    def _note(self, meta: dict, bits: int) -> None:
+        for key, m in meta.items():
+            self.loss[(key, bits)] = float("nan") if m["loss"] is None else m["loss"]
+            if m["rtn"]:
+                self.rtn_fallback.add(key)
+
     def get(self, key: str, bits: int) -> QuantizedTensor:
         return self._entry(self.adapter.component(key).layer, bits)[key]
 
@@ -61,6 +116,7 @@ class QuantCache:
 
     def _entry(self, layer: int, bits: int) -> dict[str, QuantizedTensor]:
         if (layer, bits) in self._loaded:
+            self._loaded.move_to_end((layer, bits))
             return self._loaded[(layer, bits)]
         path = self.path(layer, bits)
         entry = None
@@ -70,22 +126,25 @@ class QuantCache:
             except Exception:  # truncated or corrupt: quantize again and overwrite
                 entry = None
         if entry is None:
+            if self.capture is None:
+                raise RuntimeError(f"quant cache entry layer {layer} at {bits} bits is missing or damaged; "
+                                   f"run the calibration walk to (re)write it")
             entry = self._compute(layer, bits, path)
         self._loaded[(layer, bits)] = entry
+        while len(self._loaded) > self.max_entries:
+            self._loaded.popitem(last=False)
         return entry
 
     def _compute(self, layer: int, bits: int, path: Path) -> dict[str, QuantizedTensor]:
         keys = {c.key: bits for c in self.adapter.components if c.layer == layer}
-        q = quantize_components(self.adapter, self.capture, keys, self.settings)
-        tensors, meta = {}, {}
-        for key, t in q.tensors.items():
-            tensors[f"{key}/codes"] = t.codes.contiguous()
-            tensors[f"{key}/scales"] = t.scales.contiguous()
-            tensors[f"{key}/zeros"] = t.zeros.contiguous()
-            meta[key] = {"group_size": t.group_size, "loss": q.loss[key], "rtn": key in q.rtn_fallback}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
-        self.computed += 1
+        self.write(layer, bits, quantize_components(self.adapter, self.capture, keys, self.settings))
         return self._read(path, bits)
+
+    def _read_losses(self, path: Path, bits: int) -> None:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        self._note(json.loads(header["__metadata__"]["index"]), bits)
 
     def _read(self, path: Path, bits: int) -> dict[str, QuantizedTensor]:
         blob = Path(path).read_bytes()  # bytes, not a memory map: a damaged file raises instead of faulting
@@ -95,7 +154,5 @@ class QuantCache:
         for key, m in meta.items():
             entry[key] = QuantizedTensor(tensors[f"{key}/codes"], tensors[f"{key}/scales"], tensors[f"{key}/zeros"],
                                          bits, m["group_size"])
-            self.loss[(key, bits)] = m["loss"]
-            if m["rtn"]:
-                self.rtn_fallback.add(key)
+        self._note(meta, bits)
         return entry

@@ -2,7 +2,9 @@
 
 A checkpoint directory holds the model's ``config.json`` and tokenizer, the ``plan.json`` it was
 made from, ``quantization.json`` (format, settings, and per quantized component its bits, shape and
-group size) and ``model.safetensors`` with
+group size) and the tensors, in ``model.safetensors`` or, as `paretoq quantize` writes them one
+decoder layer at a time, in shards ``model-00001-of-000NN.safetensors`` listed by
+``model.safetensors.index.json`` (Hugging Face's layout), with
 
 - ``<key>.qweight`` (int32, codes packed as in ``paretoq.quant.pack``), ``<key>.scales`` and
   ``<key>.zeros`` (fp16, ``[out, groups]``) for each quantized component;
@@ -38,6 +40,66 @@ def _component_params(adapter: Adapter) -> set[str]:
             if hasattr(b.experts, p):
                 names.add(f"{b.experts_path}.{p}")
     return names
+
+
+def layer_state(adapter: Adapter, layer: int | None, tensors: dict[str, QuantizedTensor],
+                dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The checkpoint tensors of decoder layer ``layer`` (None: everything outside the decoder
+    layers) and the index entries of its quantized components."""
+    skip = _component_params(adapter)
+    prefix = f"{adapter.layers_prefix}."
+    if layer is None:
+        named = [(n, t) for n, t in adapter.model.state_dict(keep_vars=True).items() if not n.startswith(prefix)]
+    else:
+        base = f"{prefix}{layer}."
+        named = [(base + n, t) for n, t in adapter.layers[layer].state_dict(keep_vars=True).items()]
+    state = {}
+    for name, t in named:
+        if name not in skip:
+            t = t.detach()
+            state[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous().cpu().clone()
+    index = {}
+    for c in adapter.components:
+        if c.layer != layer or layer is None:
+            continue
+        if c.key in tensors:
+            q = tensors[c.key]
+            state[f"{c.key}.qweight"] = pack(q.codes.cpu(), q.bits)
+            state[f"{c.key}.scales"] = q.scales.to(torch.float16).contiguous().cpu()
+            state[f"{c.key}.zeros"] = q.zeros.to(torch.float16).contiguous().cpu()
+            index[c.key] = {"bits": q.bits, "shape": list(c.shape), "group_size": q.group_size}
+        else:
+            state[f"{c.key}.weight"] = adapter.weight(c).detach().to(dtype).contiguous().cpu().clone()
+    return state, index
+
+
+class CheckpointWriter:
+    """Writes a checkpoint one piece (a decoder layer, or what lies outside them) at a time, each
+    into its own shard, so that nothing of earlier layers stays in memory."""
+
+    def __init__(self, directory: Path, pieces: int):
+        self.directory, self.pieces = Path(directory), pieces
+        self.weight_map: dict[str, str] = {}
+        self.components: dict[str, dict] = {}
+        self._written = 0
+
+    def add(self, state: dict[str, torch.Tensor], index: dict[str, dict]) -> None:
+        self._written += 1
+        name = f"model-{self._written:05d}-of-{self.pieces:05d}.safetensors"
+        save_file(state, str(self.directory / name), metadata={"format": CHECKPOINT_FORMAT})
+        self.weight_map.update(dict.fromkeys(state, name))
+        self.components.update(index)
+
+    def finish(self, plan: Plan, adapter: Adapter, config, tokenizer) -> None:
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"format": CHECKPOINT_FORMAT}, "weight_map": self.weight_map}, indent=1) + "\n")
+        (self.directory / "quantization.json").write_text(json.dumps(
+            {"format": CHECKPOINT_FORMAT, "quant": plan.quant.to_dict(), "components": self.components}, indent=1)
+            + "\n")
+        plan.save(self.directory / "plan.json", adapter)
+        config.save_pretrained(self.directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.directory)
 
 
 def save_quantized(loaded: LoadedModel, plan: Plan, tensors: dict[str, QuantizedTensor], out: Path,
@@ -77,7 +139,13 @@ def read_quantized(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     index = json.loads((path / "quantization.json").read_text())
     if index.get("format") != CHECKPOINT_FORMAT:
         raise ParetoqError(f"{path} has checkpoint format {index.get('format')!r}; this paretoq reads {CHECKPOINT_FORMAT}")
-    return index, load_file(str(path / "model.safetensors"))
+    shards = path / "model.safetensors.index.json"
+    if not shards.is_file():
+        return index, load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(set(json.loads(shards.read_text())["weight_map"].values())):
+        state.update(load_file(str(path / name)))
+    return index, state
 
 
 def quantized_tensor(state: dict[str, torch.Tensor], key: str, info: dict) -> QuantizedTensor:

@@ -1,27 +1,36 @@
 """`paretoq quantize`: sequential GPTQ of a whole model under a plan, saved as a packed checkpoint.
 
-Layer by layer: the calibration tokens run through the model whose earlier layers already hold
-their quantized weights, a capture restricted to the current layer collects its Hessians (the
-pass stops right after that layer), its components are GPTQ-quantized, and their dequantized
-weights replace the originals before the next layer is captured.
+One walk over the layers (`paretoq.walk`): the calibration activations that leave the already
+quantized layers 0..L-1 enter layer L, read from the shards onto the device; a capture of that
+layer alone collects its Hessians, its components are GPTQ-quantized on the device, their
+dequantized weights replace the originals, and the calibration activations go through the
+quantized layer to become layer L+1's inputs. The layer's packed tensors are written as one shard
+of the checkpoint and the layer is freed: memory is one layer plus the activations.
+
+`sequential_gptq` is the same procedure on a model held whole in memory (a capture pass from layer
+0 per layer); the tests check the two agree.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
-from paretoq.capture import DEFAULT_BATCH_SIZE, capture
+from paretoq.cache import atomic_directory
+from paretoq.capture import DEFAULT_BATCH_SIZE, Capture, _Recorder, capture
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
-from paretoq.models import Adapter, load_model
+from paretoq.models import Adapter
 from paretoq.plan import Plan
 from paretoq.quant.apply import QuantizedComponents, quantize_components
-from paretoq.quant.checkpoint import save_quantized
+from paretoq.quant.checkpoint import CheckpointWriter, layer_state
 from paretoq.quant.quantizer import BITS
+from paretoq.walk import StreamedModel, open_model
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,44 @@ def sequential_gptq(adapter: Adapter, plan: Plan, calib: TokenSet, batch_size: i
     return done
 
 
+@torch.no_grad()
+def _walk_quantize(sm: StreamedModel, plan: Plan, calib: TokenSet, writer: CheckpointWriter, dtype: torch.dtype,
+                   batch_size: int, progress: bool) -> QuantizedComponents:
+    """Quantize ``plan`` in one walk, writing each layer's shard as soon as it is done."""
+    adapter = sm.adapter
+    ids = calib.input_ids
+    shapes = [tuple(ids[s : s + batch_size].shape) for s in range(0, ids.shape[0], batch_size)]
+    hidden = sm.embed(ids, batch_size)
+    done = QuantizedComponents()
+    for i in tqdm(range(sm.num_layers), desc="quantize", unit="layer", disable=not progress):
+        bits = {k: b for k, b in plan.bits.items() if adapter.component(k).layer == i}
+        with sm.layer(i) as layer:
+            q = QuantizedComponents()
+            if bits:
+                rec = _Recorder(adapter, torch.zeros(0, dtype=torch.long))
+                rec.attach({i}, stop=False)
+                try:
+                    for x, shape in zip(hidden, shapes):
+                        rec.start_batch(math.prod(shape))
+                        sm.run(i, layer, x, shape)
+                        rec.end_batch(math.prod(shape))
+                finally:
+                    rec.detach()
+                cap = Capture(ids.flatten(), {}, rec.hessians, rec.site, rec.tokens, {})
+                q = quantize_components(adapter, cap, bits, plan.quant)
+                del cap, rec
+                for key, t in q.tensors.items():
+                    adapter.set_weight(key, t.dequantize())
+            hidden = [sm.run(i, layer, x, shape) for x, shape in zip(hidden, shapes)]
+            writer.add(*layer_state(adapter, i, q.tensors, dtype))
+            if sm.resident:  # the next stage reads the original weights again
+                sm.free(i)
+        done.rtn_fallback.extend(q.rtn_fallback)
+        done.loss.update(q.loss)
+        done.tokens.update(q.tokens)
+    return done
+
+
 def quantize(
     plan: str | Path | None = None,
     out: str | Path = "quantized",
@@ -61,6 +108,8 @@ def quantize(
     seq_len: int = DEFAULT_SEQ_LEN,
     seed: int = 0,
     device: str = "cpu",
+    dtype: str | None = None,
+    max_memory: str | int | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
 ) -> QuantizeResult:
@@ -75,13 +124,17 @@ def quantize(
     if out.exists() and any(out.iterdir()):
         raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
     docs = read_documents(calib)
-    loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+    sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
     if the_plan is None:
-        the_plan = Plan.uniform(loaded.adapter, uniform)
-    the_plan.validate(loaded.adapter)  # every check before any work
-    the_plan.model = {"name_or_path": str(model), "model_type": loaded.model.config.model_type}
-    sets = load_token_sets(loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
-    q = sequential_gptq(loaded.adapter, the_plan, sets.calib, progress=progress)
-    save_quantized(loaded, the_plan, q.tensors, out)
-    return QuantizeResult(out, the_plan, the_plan.avg_bits(loaded.adapter), the_plan.size_bytes(loaded.adapter),
+        the_plan = Plan.uniform(sm.adapter, uniform)
+    the_plan.validate(sm.adapter)  # every check before any work
+    the_plan.model = {"name_or_path": str(model), "model_type": sm.model.config.model_type}
+    sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
+    # Full-precision tensors are stored in bf16 (as published checkpoints are), quantized ones packed.
+    with atomic_directory(out) as tmp:
+        writer = CheckpointWriter(tmp, sm.num_layers + 1)
+        q = _walk_quantize(sm, the_plan, sets.calib, writer, torch.bfloat16, DEFAULT_BATCH_SIZE, progress)
+        writer.add(*layer_state(sm.adapter, None, {}, torch.bfloat16))
+        writer.finish(the_plan, sm.adapter, sm.model.config, sm.loaded.tokenizer)
+    return QuantizeResult(out, the_plan, the_plan.avg_bits(sm.adapter), the_plan.size_bytes(sm.adapter),
                           sorted(q.rtn_fallback), time.time() - started)

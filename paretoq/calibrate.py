@@ -1,0 +1,280 @@
+"""One pass for calibration: the layer walk that fills every cache a search, an eval or a probe needs.
+
+Per decoder layer L, read from the shards onto the device:
+- the calibration batches go through it with the capture hooks (`paretoq.capture`): its input
+  Hessians, the router's choices, token counts and the block samples of the cosine predictor;
+- the eval batches of every part whose reference is missing go through it without hooks;
+- its components are GPTQ-quantized (on the device) at every width the quant cache lacks, from
+  those full-precision Hessians, and written to the cache as that layer's entries;
+- its light capture (routing, token counts, block samples and weight outlier scores; not the
+  Hessians, which are freed with the layer) is stored, one file per layer;
+- the layer is freed, and its outputs are layer L+1's inputs.
+At the end the eval batches go through the final norm and lm_head: each part's full-precision
+reference, exact, in memory when small and on disk one batch per file when not. The features
+are computed from the light captures.
+
+A second run with the same model, text and settings finds every entry and walks nothing; one
+that lacks some (another width, another eval part) walks once and computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load, save_file
+from tqdm import tqdm
+
+from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest, model_fingerprint
+from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing, _Recorder
+from paretoq.data import TokenSet
+from paretoq.evaluate import DEFAULT_MAX_BYTES, DiskLogprobs, Reference
+from paretoq.probes.features import Features, compute_features
+from paretoq.probes.outlier import outlier_scores
+from paretoq.probes.significance import ALPHA
+from paretoq.quant.apply import quantize_components
+from paretoq.quant.cache import QuantCache
+from paretoq.quant.quantizer import QuantSettings
+from paretoq.walk import StreamedModel
+
+
+@dataclass
+class Prepared:
+    """What the walk leaves for the stages after it."""
+
+    sm: StreamedModel
+    capture_key: str
+    features: Features | None
+    cache: QuantCache | None
+    references: dict[str, Reference]
+    walked: bool  # False when every entry came from the caches
+    seconds: float
+
+
+def capture_key(sm: StreamedModel, calib: TokenSet, block_samples: int, seed: int) -> str:
+    return digest("capture", model_fingerprint(sm.loaded.path), calib.fingerprint(), str(sm.dtype), block_samples,
+                  seed)
+
+
+def _capture_dir(key: str) -> Path:
+    return cache_root() / "captures" / key
+
+
+def _reference_dir(sm: StreamedModel, part: TokenSet, batch_size: int) -> Path:
+    key = digest("reference/walk", model_fingerprint(sm.loaded.path), part.fingerprint(), str(sm.dtype), batch_size)
+    return cache_root() / "reference" / key
+
+
+def read_reference(directory: Path, input_ids: torch.Tensor) -> Reference | None:
+    """A reference written by the walk, or None when absent or damaged."""
+    try:
+        meta = json.loads((directory / "reference.json").read_text())
+        head = load((directory / "head.safetensors").read_bytes())
+        if meta["exact_in_memory"]:
+            logprobs = load((directory / "logprobs.safetensors").read_bytes())["logprobs"]
+        else:
+            logprobs = DiskLogprobs(directory, meta["batch_size"], input_ids.shape[0])
+            if not all(logprobs.file(i).is_file() for i in range(meta["batches"])):
+                return None
+        if not torch.equal(head["input_ids"], input_ids):
+            return None
+        return Reference(input_ids, meta["nll"], head["argmax"], logprobs)
+    except Exception:  # missing, truncated or from another version: computed again
+        return None
+
+
+class _ReferenceWriter:
+    """Collects one part's fp log-probs batch by batch; small ones in memory, large ones on disk."""
+
+    def __init__(self, directory: Path, part: TokenSet, vocab: int, batch_size: int, max_bytes: int):
+        self.directory, self.part, self.batch_size = directory, part, batch_size
+        ids = part.input_ids
+        self.in_memory = ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= max_bytes
+        self.tmp = directory.with_name(directory.name + ".partial")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.nll, self.argmax, self.kept, self.batches = 0.0, [], [], 0
+
+    def add(self, lp: torch.Tensor, batch: torch.Tensor) -> None:
+        self.nll -= lp.gather(-1, batch[:, 1:, None].to(lp.device)).sum().item()
+        self.argmax.append(lp.argmax(-1).cpu())
+        lp = lp.cpu().contiguous()
+        if self.in_memory:
+            self.kept.append(lp)
+        else:
+            save_file({"logprobs": lp}, str(self.tmp / f"batch{self.batches}.safetensors"))
+        self.batches += 1
+
+    def finish(self) -> Reference:
+        ids = self.part.input_ids
+        argmax = torch.cat(self.argmax)
+        save_file({"input_ids": ids.contiguous(), "argmax": argmax}, str(self.tmp / "head.safetensors"))
+        if self.in_memory:
+            save_file({"logprobs": torch.cat(self.kept)}, str(self.tmp / "logprobs.safetensors"))
+        nll = self.nll / ids[:, 1:].numel()
+        (self.tmp / "reference.json").write_text(json.dumps(
+            {"nll": nll, "exact_in_memory": self.in_memory, "batch_size": self.batch_size, "batches": self.batches}))
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.tmp.rename(self.directory)  # the whole entry appears at once
+        ref = read_reference(self.directory, ids)
+        assert ref is not None
+        return ref
+
+
+def _save_light_capture(directory: Path, layer: int, cap: Capture, outliers: dict[str, float]) -> None:
+    tensors = {}
+    for lay, r in cap.routing.items():
+        tensors[f"routing/{lay}/index"] = r.top_k_index.contiguous().cpu()
+        tensors[f"routing/{lay}/weights"] = r.top_k_weights.contiguous().cpu()
+    for lay, b in cap.blocks.items():
+        tensors[f"block/{lay}/inputs"] = b.inputs.contiguous()
+        tensors[f"block/{lay}/outputs"] = b.outputs.contiguous()
+    meta = {"site": cap.site, "tokens": cap.tokens, "outliers": outliers}
+    atomic_write(directory / f"layer{layer}.safetensors",
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
+
+
+def _read_light_captures(directory: Path, layers: int) -> tuple[Capture, dict[str, float]] | None:
+    """The per-layer light captures merged into one `Capture` (no Hessians), or None if any is missing."""
+    try:
+        token_ids = load((directory / "tokens.safetensors").read_bytes())["token_ids"]
+        meta_all = json.loads((directory / "meta.json").read_text())
+        routing, blocks, site, tokens, outliers = {}, {}, {}, {}, {}
+        for layer in range(layers):
+            blob = (directory / f"layer{layer}.safetensors").read_bytes()
+            tensors = load(blob)
+            n = int.from_bytes(blob[:8], "little")
+            meta = json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["index"])
+            site.update(meta["site"])
+            tokens.update(meta["tokens"])
+            outliers.update(meta["outliers"])
+            if f"routing/{layer}/index" in tensors:
+                routing[layer] = Routing(tensors[f"routing/{layer}/index"], tensors[f"routing/{layer}/weights"])
+            if f"block/{layer}/inputs" in tensors:
+                blocks[layer] = BlockStates(tensors[f"block/{layer}/inputs"], tensors[f"block/{layer}/outputs"])
+    except Exception:
+        return None
+    return Capture(token_ids, routing, {}, site, tokens, blocks, meta_all), outliers
+
+
+def prepare(
+    sm: StreamedModel,
+    calib: TokenSet,
+    parts: dict[str, TokenSet],
+    settings: QuantSettings | None = None,
+    widths: tuple[int, ...] = (),
+    *,
+    seed: int = 0,
+    block_samples: int = DEFAULT_BLOCK_SAMPLES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    alpha: float = ALPHA,
+    features: bool = True,
+    max_reference_bytes: int = DEFAULT_MAX_BYTES,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Prepared:
+    """Fill what is missing of: features, the quant cache at ``widths`` under ``settings``, and the
+    fp reference of each eval part, with (at most) one walk over the layers.
+
+    ``use_cache=False`` recomputes every entry and overwrites it.
+    """
+    from paretoq.probes.run import features_cache_path
+
+    started = time.time()
+    adapter, n = sm.adapter, sm.num_layers
+    key = capture_key(sm, calib, block_samples, seed)
+    cap_dir = _capture_dir(key)
+    cache = QuantCache(adapter, None, key, settings) if settings is not None and widths else None
+    todo_quant = set(cache.missing(widths) if use_cache else
+                     [(c, b) for c in {c.layer for c in adapter.components} for b in widths]) if cache else set()
+    refs: dict[str, Reference] = {}
+    ref_dirs = {name: _reference_dir(sm, part, batch_size) for name, part in parts.items()}
+    for name, part in parts.items():
+        r = read_reference(ref_dirs[name], part.input_ids) if use_cache else None
+        if r is not None:
+            refs[name] = r
+    todo_refs = [name for name in parts if name not in refs]
+    feats = None
+    feat_path = features_cache_path(key, alpha, seed)
+    if features and use_cache and feat_path.is_file():
+        try:
+            feats = Features.from_dict(json.loads(feat_path.read_text()))
+        except Exception:
+            feats = None
+    light = _read_light_captures(cap_dir, n) if features and feats is None and use_cache else None
+    todo_capture = features and feats is None and light is None
+    walked = bool(todo_quant or todo_refs or todo_capture)
+    if walked:
+        _walk(sm, calib, {name: parts[name] for name in todo_refs}, ref_dirs, cache, todo_quant, cap_dir,
+              todo_capture, seed, block_samples, batch_size, max_reference_bytes, refs, progress)
+        if todo_capture:
+            light = _read_light_captures(cap_dir, n)
+    if features and feats is None:
+        assert light is not None, "the walk wrote every layer's capture"
+        cap, outliers = light
+        feats = compute_features(adapter, cap, alpha=alpha, seed=seed, outliers=outliers)
+        feats.meta.update(model=str(sm.loaded.name_or_path), model_type=sm.model.config.model_type)
+        atomic_write_text(feat_path, json.dumps(feats.to_dict()))
+    if cache is not None:
+        cache.load_losses(widths)
+    return Prepared(sm, key, feats, cache, refs, walked, time.time() - started)
+
+
+@torch.no_grad()
+def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_capture, seed, block_samples,
+          batch_size, max_reference_bytes, refs, progress) -> None:
+    adapter, n = sm.adapter, sm.num_layers
+    ids = calib.input_ids
+    need_hooks = bool(todo_quant) or todo_capture
+    calib_shapes = [tuple(ids[s : s + batch_size].shape) for s in range(0, ids.shape[0], batch_size)]
+    calib_h = sm.embed(ids, batch_size) if need_hooks else []
+    eval_h = {name: sm.embed(part.input_ids, batch_size) for name, part in ref_parts.items()}
+    eval_shapes = {name: [tuple(part.input_ids[s : s + batch_size].shape)
+                          for s in range(0, part.input_ids.shape[0], batch_size)] for name, part in ref_parts.items()}
+    total = ids.numel()
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
+    if todo_capture:
+        cap_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cap_dir / "tokens.safetensors",
+                     lambda tmp: save_file({"token_ids": ids.flatten().contiguous()}, str(tmp)))
+        atomic_write_text(cap_dir / "meta.json", json.dumps(
+            {"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": total,
+             "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed}))
+    for i in tqdm(range(n), desc="calibration walk", unit="layer", disable=not progress):
+        widths = sorted(b for (layer, b) in todo_quant if layer == i)
+        with sm.layer(i) as layer:
+            if need_hooks:
+                rec = _Recorder(adapter, positions)
+                rec.attach({i}, stop=False)
+                try:
+                    for j, (x, shape) in enumerate(zip(calib_h, calib_shapes)):
+                        rec.start_batch(math.prod(shape))
+                        calib_h[j] = sm.run(i, layer, x, shape)
+                        rec.end_batch(math.prod(shape))
+                finally:
+                    rec.detach()
+                cap = Capture(ids.flatten(), {lay: Routing(torch.cat([a for a, _ in r]), torch.cat([w for _, w in r]))
+                                              for lay, r in rec.routing.items()},
+                              rec.hessians, rec.site, rec.tokens,
+                              {lay: BlockStates(torch.cat(rec.block_in[lay]), torch.cat(rec.block_out[lay]))
+                               for lay in rec.block_in})
+                keys = [c.key for c in adapter.components if c.layer == i]
+                for b in widths:
+                    cache.write(i, b, quantize_components(adapter, cap, dict.fromkeys(keys, b), cache.settings))
+                if todo_capture:
+                    _save_light_capture(cap_dir, i, cap, outlier_scores(adapter, layer=i))
+                del cap, rec  # the Hessians go with them
+            for name in ref_parts:
+                eval_h[name] = [sm.run(i, layer, x, shape) for x, shape in zip(eval_h[name], eval_shapes[name])]
+    vocab = sm.model.config.vocab_size
+    for name, part in ref_parts.items():
+        writer = _ReferenceWriter(ref_dirs[name], part, vocab, batch_size, max_reference_bytes)
+        for j, x in enumerate(eval_h[name]):
+            writer.add(sm.logprobs(x), part.input_ids[j * batch_size : (j + 1) * batch_size])
+        refs[name] = writer.finish()

@@ -1,0 +1,107 @@
+"""The layer walk gives what the whole model in memory gives: the same forward, the same quant-cache
+codes, the same KL, the same sequentially quantized checkpoint."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import MOE_TYPES, tiny_model
+from paretoq.calibrate import prepare
+from paretoq.capture import capture
+from paretoq.data import TokenSet
+from paretoq.evaluate import Assembler, StreamedEvaluator, compute_reference, evaluate
+from paretoq.models import get_adapter, load_model
+from paretoq.plan import Plan
+from paretoq.quant.cache import QuantCache
+from paretoq.quant.checkpoint import read_quantized
+from paretoq.quant.pack import unpack
+from paretoq.quant.quantizer import QuantSettings
+from paretoq.quant.sequential import quantize, sequential_gptq
+from paretoq.walk import open_model, parse_size
+
+
+def _ids(vocab: int, n: int = 5, t: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES + ["llama"])
+def test_streamed_forward_is_bit_identical(tmp_path, model_type):
+    """Layer by layer from the shards (sharded on disk, experts stored one by one) = the model's own forward."""
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    sm = open_model(tmp_path, dtype="float32", max_memory=0)
+    assert not sm.resident
+    ids = _ids(model.config.vocab_size)
+    hidden = sm.embed(ids, 2)
+    for i in range(sm.num_layers):
+        with sm.layer(i) as layer:
+            hidden = [sm.run(i, layer, h, tuple(ids[2 * j : 2 * j + 2].shape)) for j, h in enumerate(hidden)]
+        assert all(p.device.type == "meta" for p in sm.layers[i].parameters())  # freed
+    got = torch.cat([sm.logprobs(h) for h in hidden])
+    with torch.no_grad():
+        want = torch.cat([F.log_softmax(model(ids[j : j + 2]).logits[:, :-1].float(), -1) for j in range(0, 5, 2)])
+    assert torch.equal(got, want)
+
+
+def test_calibration_walk_matches_the_in_memory_path(tiny_search_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / "cache"))
+    full = load_model(tiny_search_model_dir)
+    calib, evals = TokenSet(_ids(128, 6, 32, 1), "c"), TokenSet(_ids(128, 5, 32, 2), "e")
+    settings = QuantSettings(group_size=32)
+    old = QuantCache(full.adapter, capture(full.adapter, calib, progress=False), "old", settings, root=tmp_path / "old")
+    ref = compute_reference(full.model, evals)
+
+    sm = open_model(tiny_search_model_dir, max_memory=0)
+    prep = prepare(sm, calib, {"eval": evals}, settings, (2, 4), features=False, progress=False)
+    assert prep.walked and prep.references["eval"].nll == pytest.approx(ref.nll, rel=1e-6)
+    for c in full.adapter.components:
+        for b in (2, 4):
+            assert torch.equal(old.get(c.key, b).codes, prep.cache.get(c.key, b).codes), (c.key, b)
+    ev = StreamedEvaluator(sm, prep.cache.weight, {"eval": evals}, prep.references)
+    uniform = Plan.uniform(full.adapter, 2).bits
+    last = max(c.layer for c in full.adapter.components)
+    one_change = {**uniform, next(c.key for c in full.adapter.components if c.layer == last): 4}
+    for bits, layers_run in ((uniform, sm.num_layers), (one_change, 1)):
+        before = ev.layers_run
+        got = ev.evaluate(bits, "eval")
+        assert ev.layers_run - before == layers_run  # a plan that shares a prefix starts after it
+        with Assembler(full.adapter, old.weight).apply(bits):
+            want = evaluate(full.model, ref)
+        assert abs(got.kl - want.kl) <= 1e-5 * want.kl and got.ppl == pytest.approx(want.ppl, rel=1e-6)
+    again = prepare(open_model(tiny_search_model_dir, max_memory=0), calib, {"eval": evals}, settings, (2, 4), features=False,
+                    progress=False)
+    assert not again.walked  # a second run finds every entry
+
+
+def test_quantize_in_one_walk_matches_layer_by_layer_capture(tiny_search_model_dir, tmp_path):
+    full = load_model(tiny_search_model_dir)
+    comps = full.adapter.components
+    plan = Plan({c.key: (2, 3, 4, 8)[i % 4] for i, c in enumerate(comps) if i % 5}, QuantSettings(group_size=32))
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path, full.adapter)
+    out = tmp_path / "ckpt"
+    quantize(plan=plan_path, out=out, model=str(tiny_search_model_dir), calib="demo", calib_tokens=512,
+             eval_tokens=256, seq_len=64, max_memory=0, progress=False)
+    # the old procedure: the whole model in memory, a capture from layer 0 for every layer
+    from paretoq.data import load_token_sets
+
+    sets = load_token_sets(full.tokenizer, "demo", 512, 256, 64, 0)
+    want = sequential_gptq(full.adapter, plan, sets.calib, progress=False)
+    index, state = read_quantized(out)
+    assert set(index["components"]) == set(plan.bits)
+    for key, info in index["components"].items():
+        codes = unpack(state[f"{key}.qweight"], info["bits"], info["shape"][1])
+        assert torch.equal(codes, want.tensors[key].codes), key
+
+
+def test_sizes_parse():
+    assert parse_size("24GB") == 24 << 30 and parse_size("512MiB") == 512 << 20 and parse_size("0") == 0
+    assert parse_size(None) is None and parse_size("1e3") == 1000
+
+
+def test_a_model_that_fits_stays_resident(tiny_search_model_dir):
+    sm = open_model(tiny_search_model_dir)
+    assert sm.resident
+    with sm.layer(0):
+        pass
+    assert all(p.device.type != "meta" for p in sm.layers[0].parameters())
