@@ -19,7 +19,7 @@ from pathlib import Path
 from paretoq.errors import ParetoqError
 
 # Bumped when what is cached changes meaning, so stale entries are never read.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: quant cache codes packed; references and captures per layer/batch
 _HEADER_LIMIT = 100 << 20  # safetensors caps its header at 100 MB
 
 

@@ -38,6 +38,27 @@ from paretoq.models.shards import ShardReader
 RESIDENT_SHARE = 0.5
 
 
+def return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system at once.
+
+    glibc raises its mmap threshold (up to 32 MB) each time a large block is freed, after which
+    tensors of a few MB come from the heap, where one layer's freed weights and Hessians fragment
+    it and the process grows layer after layer. A fixed threshold keeps every tensor above it in
+    its own mapping, returned on free, so memory follows the layer being processed.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, and no more dynamic raising
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def parse_size(text: str | int | None) -> int | None:
     """``"24GB"``, ``"512MiB"``, ``"1e9"``, ``0`` -> bytes (None stays None)."""
     if text is None or isinstance(text, int):
@@ -112,6 +133,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ParetoqError(f"--device {device} is not supported; pass cpu or cuda")
     return device
+
+
+def compute_buffers(module: nn.Module, config, device) -> None:
+    """Fill a module's non-persistent buffers (rotary tables), which no checkpoint holds, by building
+    a fresh one from the config on ``device``."""
+    if module._non_persistent_buffers_set:
+        with torch.device(device):
+            fresh = type(module)(config)
+        for n in module._non_persistent_buffers_set:
+            module._buffers[n] = fresh._buffers[n]
 
 
 def _set_param(owner: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -191,11 +222,7 @@ class StreamedModel:
                     raise ParetoqError(f"the checkpoint has no buffer under {name}; re-save the model")
                 for n in persistent:
                     module._buffers[n] = self.reader.get(f"{name}.{n}", device=self.device)
-                if module._non_persistent_buffers_set:  # rotary tables: computed from the config
-                    with torch.device(self.device):
-                        fresh = type(module)(config)
-                    for n in module._non_persistent_buffers_set:
-                        module._buffers[n] = fresh._buffers[n]
+                compute_buffers(module, config, self.device)
         self.reader.release()
 
     def _read(self, name: str, shape) -> torch.Tensor:
@@ -344,6 +371,7 @@ def open_model(name_or_path: str | Path = "demo", dtype: str | torch.dtype | Non
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
+    return_freed_memory()
     device = resolve_device(device)
     path = resolve_model_dir(name_or_path)
     config = read_config(path, trust_remote_code)

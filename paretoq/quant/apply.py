@@ -39,6 +39,13 @@ class QuantizedComponents:
 # give a rank-1 or rank-2 Hessian that GPTQ overfits.
 MIN_TOKENS = 4
 
+# Routed experts are quantized in batches whose Hessian work (about GPTQ_COPIES float32 [in, in]
+# matrices per expert: H, its damped copy, the Cholesky factor and inverse) stays under this many
+# bytes: 128 experts of hidden 2048 at once would need about 8 GB; batches keep a layer's GPTQ
+# within a few hundred MB on any device.
+GPTQ_BATCH_BYTES = 512 << 20
+GPTQ_COPIES = 4
+
 
 def quantize_components(
     adapter: Adapter, capture: Capture, bits: dict[str, int], settings: QuantSettings
@@ -66,10 +73,15 @@ def quantize_components(
                 out.rtn_fallback.append(k)
         if not seen:
             continue
-        W = torch.stack([adapter.weight(k).detach() for k in seen])
-        H = torch.stack([capture.hessian(k) for k in seen])
-        res = gptq(W.to(H.device), H, b, settings)
-        for i, k in enumerate(seen):
-            out.tensors[k] = res.q[i]
-            out.loss[k] = float(res.loss[i])
+        cols = adapter.component(seen[0]).shape[1]
+        chunk = max(1, GPTQ_BATCH_BYTES // (cols * cols * 4 * GPTQ_COPIES))
+        for start in range(0, len(seen), chunk):  # experts are independent: batching only saves launches
+            part = seen[start : start + chunk]
+            H = torch.stack([capture.hessian(k) for k in part])
+            W = torch.stack([adapter.weight(k).detach() for k in part]).to(H.device)
+            res = gptq(W, H, b, settings)
+            for i, k in enumerate(part):
+                out.tensors[k] = res.q[i]
+                out.loss[k] = float(res.loss[i])
+            del H, W, res
     return out

@@ -1,7 +1,7 @@
 """The quant cache: every component GPTQ-quantized once per bit width from the full-precision capture.
 
 The search assembles candidates from it (a trial costs an evaluation, not a quantization). One
-entry per (layer, bits) holds that layer's components: codes, scales, zeros, GPTQ's loss and
+entry per (layer, bits) holds that layer's components: codes (packed, ``bits`` bits a weight), scales, zeros, GPTQ's loss and
 whether the component fell back to round-to-nearest, as safetensors, written atomically. Entries
 are keyed by the capture key (model fingerprint, calibration tokens, dtype), the quantizer
 settings, the layer and the width, so a second run with the same inputs quantizes nothing and a
@@ -28,6 +28,7 @@ from paretoq.cache import atomic_write, cache_root, digest
 from paretoq.capture import Capture
 from paretoq.models import Adapter
 from paretoq.quant.apply import quantize_components
+from paretoq.quant.pack import pack, unpack
 from paretoq.quant.quantizer import BITS, QuantizedTensor, QuantSettings
 
 
@@ -90,11 +91,12 @@ class QuantCache:
         """Store the layer's quantized components at ``bits`` (a `QuantizedComponents`)."""
         tensors, meta = {}, {}
         for key, t in q.tensors.items():
-            tensors[f"{key}/codes"] = t.codes.contiguous().cpu()
+            tensors[f"{key}/codes"] = pack(t.codes.cpu(), bits)  # bits/8 bytes a weight on disk
             tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
             tensors[f"{key}/zeros"] = t.zeros.contiguous().cpu()
             loss = q.loss[key]
             meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
+                         "in": int(t.codes.shape[-1]),
                          "tokens": q.tokens.get(key, 0)}
         path = self.path(layer, bits)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
@@ -152,7 +154,8 @@ class QuantCache:
         meta = json.loads(_metadata(blob)["index"])
         entry = {}
         for key, m in meta.items():
-            entry[key] = QuantizedTensor(tensors[f"{key}/codes"], tensors[f"{key}/scales"], tensors[f"{key}/zeros"],
-                                         bits, m["group_size"])
+            codes = unpack(tensors[f"{key}/codes"], bits, m["in"])
+            entry[key] = QuantizedTensor(codes, tensors[f"{key}/scales"], tensors[f"{key}/zeros"], bits,
+                                         m["group_size"])
         self._note(meta, bits)
         return entry

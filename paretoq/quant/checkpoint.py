@@ -162,17 +162,30 @@ def rebuild(path: str | Path, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from paretoq.walk import compute_buffers
+
     path = Path(path)
     index, state = read_quantized(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
+    # Built on meta (no random init of tensors about to be overwritten), then given the stored tensors.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
     adapter = get_adapter(model)
     rest = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
-    plain = {k: v for k, v in rest.items() if not adapter.has(k.removesuffix(".weight"))}
-    missing, unexpected = model.load_state_dict(plain, strict=False)
+    plain = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()
+             if not adapter.has(k.removesuffix(".weight"))}
+    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     missing = set(missing) - _component_params(adapter)
     if missing or unexpected:
         raise ParetoqError(f"{path} does not match its config: missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}")
+    for module in model.modules():  # component tensors: filled below (or replaced by packed modules)
+        for attr, p in module._parameters.items():
+            if p is not None and p.device.type == "meta":
+                module._parameters[attr] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False)
+        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            compute_buffers(module, config, "cpu")
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in plain:
+        model.tie_weights()
     for c in adapter.components:
         if c.key not in index["components"]:
             adapter.set_weight(c, state[f"{c.key}.weight"])
