@@ -8,6 +8,17 @@ weights as updated so far. With ``act_order`` (desc_act) columns go in order of 
 Hessian diagonal and the group grids are fixed up front from the original weights ("static
 groups"), so every group stays a contiguous run of columns in the stored order.
 
+A grid is chosen (``settings.grid == "mse"``) by ``grid_search`` to minimise the group's share of
+GPTQ's own loss, ``sum (w - q)^2 / Hinv_cc^2``, over shrunk min-max ranges. Why not min-max: the
+weights a group's grid is fixed on carry the compensation of every column quantized before it
+(``err_i * Hinv_ij / Hinv_ii``, magnified where an outlier input channel's error spreads to its
+correlated neighbours), which widens the group's range; at 2 bits a min-max grid on them is too
+coarse. The reference implementation (IST-DASLab/gptq) fixes grids on the weights as they stood at
+the start of the 128-column block, missing the updates made inside it: a narrower grid that clips
+the grown weights, by accident. That wins at 2 bits (paretoq's min-max grid on the updated weights
+was 1.02-1.30x its error at groups 32/64) and loses at 8 (0.89x), where clipping costs more than
+the step it saves. The weighted search clips on purpose, where it pays (docs/benchmarks.md).
+
 Names follow the paper and the reference code: ``H``, ``Hinv``, ``W1``, ``Q1``, ``Err1``.
 """
 
@@ -17,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from paretoq.quant.quantizer import QuantizedTensor, QuantSettings, grid_params, group_columns, quantize_codes
+from paretoq.quant.quantizer import (GRIDS, QuantizedTensor, QuantSettings, grid_params, grid_search, group_columns,
+                                     quantize_codes)
 
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10
 
@@ -58,13 +70,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, settings: QuantSettings = 
     diag[dead] = 1.0
     W.masked_fill_(dead[:, None, :], 0.0)
 
+    if settings.grid not in GRIDS:
+        raise ValueError(f"unknown grid {settings.grid!r}; choose one of {GRIDS}")
     scales = torch.zeros(E, R, G, dtype=dtype, device=W.device)
     zeros = torch.zeros(E, R, G, dtype=dtype, device=W.device)
     perm = None
     if settings.act_order:
-        s, z = grid_params(W.reshape(E, R, G, cols), bits, settings.sym)  # static groups
-        scales.copy_(s)
-        zeros.copy_(z)
+        W0 = W  # static groups: grids from the original weights, once the loss weights are known
         perm = torch.argsort(diag, dim=-1, descending=True)  # [E, C]
         W = W.gather(2, perm[:, None, :].expand(E, R, C))
         H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
@@ -82,6 +94,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, settings: QuantSettings = 
     else:
         raise RuntimeError(f"Hessian not positive definite even at damping {damp.max().item():g}")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    loss_weight = Hinv.diagonal(dim1=-2, dim2=-1) ** -2  # [E, C]: GPTQ's loss is sum (w - q)^2 / Hinv_cc^2
+
+    def fit(w: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if settings.grid == "minmax":
+            return grid_params(w, bits, settings.sym)
+        return grid_search(w, bits, settings.sym, weight)
+
+    if perm is not None:
+        weight0 = torch.empty_like(loss_weight).scatter_(1, perm, loss_weight)  # back to the stored order
+        s, z = fit(W0.reshape(E, R, G, cols), weight0.reshape(E, 1, G, cols))
+        scales.copy_(s)
+        zeros.copy_(z)
 
     Q = torch.zeros_like(W)
     losses = torch.zeros(E, dtype=dtype, device=W.device)
@@ -105,7 +129,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, settings: QuantSettings = 
                 g = c // cols
                 if c % cols == 0:  # the group's first column: fix its grid on the updated weights
                     ahead = torch.cat([W1[:, :, i:], W[:, :, i2:]], dim=-1)[:, :, :cols]
-                    scales[:, :, g], zeros[:, :, g] = grid_params(ahead, bits, settings.sym)
+                    scales[:, :, g], zeros[:, :, g] = fit(ahead, loss_weight[:, None, c : c + cols])
                 s, z = scales[:, :, g], zeros[:, :, g]
             q = quantize_codes(w, s, z, bits)
             deq = s * (q - z)
