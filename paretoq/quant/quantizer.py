@@ -6,12 +6,10 @@ integer zero point; a code ``q in [0, 2^bits)`` stands for ``scale * (q - zero)`
 quantizer, the grid always contains 0 (the range is widened to include it) and the symmetric
 variant fixes ``zero = 2^(bits-1)``.
 
-GPTQ fixes each group's grid by ``grid_search`` by default: the range is shrunk towards 0 until the
-rounding error of the group, each column weighted by GPTQ's own loss weight ``1 / Hinv_cc^2``, is
-least. The min-max grid (``grid="minmax"``, what the reference implementation uses) is the first
-candidate, so the search never returns a grid worse on that objective. Measured in
-docs/benchmarks.md ("GPTQ at small groups"): 0.3-0.9x the reference's layer output error at 2-4
-bits, never above 1.02x.
+GPTQ (gptq.py) chooses each group's grid by a search over shrunk min-max ranges (``shrunk_grid``)
+scored on its own loss, by default; ``grid_search`` is the cheap form of that search, scored on
+the rounding error alone. The min-max grid (``grid="minmax"``, what the reference implementation
+uses) is always a candidate.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 BITS = (2, 3, 4, 8)
-GRIDS = ("mse", "minmax")  # how a group's grid is chosen: weighted-error search, or min-max (GPTQ's)
+GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
 GRID_STEPS = 100  # shrink factors 1, 0.99, ..., 0.21: the reference quantizer's MSE grid (grid=100, maxshrink=.8)
 GRID_MAX_SHRINK = 0.8
 
@@ -33,7 +31,7 @@ class QuantSettings:
     act_order: bool = False
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128  # GPTQ's lazy-update block
-    grid: str = "mse"  # "mse": grid_search on GPTQ's weighted error; "minmax": the reference's min-max grid
+    grid: str = "search"  # "search": shrink search on GPTQ's loss (gptq.py); "minmax": the reference's grid
 
     def to_dict(self) -> dict:
         return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
@@ -84,6 +82,26 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     return scale, zero
 
 
+def grid_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w [..., rows, cols]``: the min and max, widened to contain 0 (symmetric about 0
+    with ``sym``); an all-zero row gets [-1, 1], any grid will do."""
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def shrunk_grid(xmin: torch.Tensor, xmax: torch.Tensor, p, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the range ``[p * xmin, p * xmax]``; ``p = 1`` is ``grid_params``' grid."""
+    maxq = 2**bits - 1
+    scale = (xmax - xmin) * p / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin * p / scale)
+    return scale, zero
+
+
 def grid_search(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | None = None,
                 steps: int = GRID_STEPS, max_shrink: float = GRID_MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid of ``w [..., rows, cols]`` (per row) whose rounding error ``sum weight * (w - q)^2`` is
@@ -93,21 +111,11 @@ def grid_search(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | No
     ``1 / Hinv_cc^2``, the weight of its loss ``sum (w - q)^2 / Hinv_cc^2``. Shrinking clips the
     outermost weights to the grid's ends; at 2-4 bits the finer step pays for that many times over.
     """
-    maxq = 2**bits - 1
     weight = torch.ones_like(w) if weight is None else weight
-    xmin = w.amin(dim=-1).clamp(max=0)
-    xmax = w.amax(dim=-1).clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
+    xmin, xmax = grid_range(w, sym)
     best_scale, best_zero, best = None, None, None
     for i in range(int(max_shrink * steps)):
-        p = 1 - i / steps
-        scale = (xmax - xmin) * p / maxq
-        zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin * p / scale)
+        scale, zero = shrunk_grid(xmin, xmax, 1 - i / steps, bits, sym)
         q = quantize_codes(w, scale[..., None], zero[..., None], bits)
         err = ((scale[..., None] * (q - zero[..., None]) - w) ** 2 * weight).sum(-1)
         if best is None:  # p = 1 is grid_params' min-max grid

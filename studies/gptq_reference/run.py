@@ -4,7 +4,7 @@ For each group size (32, 64, 128, per channel), width (2, 3, 4, 8) and act-order
 quantize the same random problems, and the table gives paretoq's layer output error
 ``trace((W - Q) H (W - Q)^T)`` (undamped H, float64) over the reference's: the geometric mean over
 the seeds and the worst seed. ``minmax`` is paretoq with ``grid="minmax"``, the grid rule before
-the weighted grid search (issue 18); ``mse`` the default.
+the grid search (issue 18); ``search`` the default.
 
 The reference runs from a fetched copy, imported from ``--reference`` (a directory holding its
 ``gptq.py`` and ``quant.py``), never from paretoq: block 128, ``percdamp`` 0.01, its min-max
@@ -99,19 +99,19 @@ def main(argv=None) -> int:
     print(f"W [{args.out}, {args.d}], {args.seeds} seeds, {'sym' if args.sym else 'asym'}"
           f"{', no outlier or dead channels' if args.plain else ''}; "
           "paretoq's layer output error / the reference's: geometric mean (worst seed)")
-    print("\n| act-order | group | bits | minmax (before) | mse (default) |\n| --- | --- | --- | --- | --- |")
+    print("\n| act-order | group | bits | minmax (before) | search (default) |\n| --- | --- | --- | --- | --- |")
     worst = 0.0
     for act_order in (False, True):
         for group in GROUPS:
             for bits in BITS:
-                ratios = {"minmax": [], "mse": []}
+                ratios = {"minmax": [], "search": []}
                 for W, H in problems:
                     ref = output_error(W, reference(GPTQ, Quantizer, W, H, bits, group, act_order, args.sym), H)
                     for grid, r in ratios.items():
                         s = QuantSettings(group_size=group, sym=args.sym, act_order=act_order, grid=grid)
                         r.append(output_error(W, gptq(W, H, bits, s).q.dequantize(), H) / ref)
                 cells = [f"{math.exp(sum(map(math.log, r)) / len(r)):.3f} ({max(r):.3f})" for r in ratios.values()]
-                worst = max(worst, max(ratios["mse"]))
+                worst = max(worst, max(ratios["search"]))
                 print(f"| {'on' if act_order else 'off'} | {group if group != -1 else 'channel'} | {bits} | "
                       f"{cells[0]} | {cells[1]} |", flush=True)
     print(f"\nworst seed, default grid: {worst:.3f}x the reference; {time.perf_counter() - t0:.0f} s")
