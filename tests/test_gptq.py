@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from paretoq.errors import ParetoqError
+
 from paretoq.quant.gptq import SHRINK_COARSE, SHRINK_FINE, gptq
-from paretoq.quant.quantizer import (BITS, GRIDS, QuantSettings, grid_params, grid_range, grid_search, quantize_codes, rtn,
+from paretoq.quant.quantizer import (BITS, GRIDS, QuantSettings, check_group_size, grid_params, grid_range, grid_search, quantize_codes, rtn,
                                      shrunk_grid)
 
 
@@ -231,3 +233,19 @@ def test_cholesky_failure_retries_with_more_damping():
     W = torch.randn(4, 16)
     res = gptq(W, H, 4, QuantSettings(group_size=-1))
     assert res.damp.item() > 0.01 and torch.isfinite(res.q.dequantize()).all()
+
+
+def test_group_size_must_tile_every_input_width():
+    gpt_oss = {"model.layers.0.self_attn.q_proj": 2880, "model.layers.0.self_attn.o_proj": 4096,
+               **{f"model.layers.0.mlp.experts.{e}.down_proj": 2880 for e in range(32)}}
+    with pytest.raises(ParetoqError) as e:
+        check_group_size(128, gpt_oss)
+    msg = str(e.value)
+    assert "\n" not in msg and "2880" in msg and "model.layers.0.self_attn.q_proj and 32 more" in msg
+    assert "--group-size 64 or 32 (or -1, per channel)" in msg and "4096" not in msg
+    for ok in (64, 32, -1, 4096):  # 4096: wider than every row, one group per row
+        check_group_size(ok, gpt_oss)
+    with pytest.raises(ParetoqError, match=r"divides them all; pass --group-size -1 \(per channel\)"):
+        check_group_size(64, {"a": 2880, "b": 100})
+    with pytest.raises(ParetoqError, match="must be positive"):
+        check_group_size(0, gpt_oss)
