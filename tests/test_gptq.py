@@ -2,10 +2,9 @@ import pytest
 import torch
 
 from paretoq.errors import ParetoqError
-
 from paretoq.quant.gptq import SHRINK_COARSE, SHRINK_FINE, gptq
-from paretoq.quant.quantizer import (BITS, GRIDS, QuantSettings, check_group_size, grid_params, grid_range, grid_search, quantize_codes, rtn,
-                                     shrunk_grid)
+from paretoq.quant.quantizer import (BITS, GRIDS, QuantSettings, check_group_size, grid_params, grid_range, grid_search,
+                                     quantize_codes, rtn, shrunk_grid)
 
 
 def _correlated(n=2048, d=128, seed=0, dtype=torch.float64):
@@ -102,7 +101,8 @@ def _outlier_problem(seed, out=64, d=256, n=1024):
     """Correlated inputs with 4 outlier channels (x20) and 4 dead ones (H rows and columns zero)."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(d, 16, generator=g, dtype=torch.float64)
-    X = torch.randn(n, 16, generator=g, dtype=torch.float64) @ A.T + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    Z = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    X = Z @ A.T + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
     X[:, 10:14] *= 20
     X[:, 20:24] = 0
     return torch.randn(out, d, generator=g, dtype=torch.float64), X.T @ X

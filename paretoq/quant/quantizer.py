@@ -90,9 +90,11 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
     fits = [g for g in GROUP_SIZES if all(g >= w or w % g == 0 for w in widths.values())]
     named = "; ".join(f"{w} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
                       for w, names in sorted(bad.items()))
-    fix = f"pass --group-size {' or '.join(map(str, fits))}" if fits else f"no group size in {GROUP_SIZES} divides them all; pass --group-size"
-    raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}"
-                       f"{' (or -1, per channel)' if fits else ' -1 (per channel)'}")
+    if fits:
+        fix = f"pass --group-size {' or '.join(map(str, fits))} (or -1, per channel)"
+    else:
+        fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
+    raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
