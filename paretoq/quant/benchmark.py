@@ -16,7 +16,7 @@ import time
 import torch
 
 from paretoq.quant.gptq import gptq
-from paretoq.quant.quantizer import QuantSettings
+from paretoq.quant.quantizer import GRIDS, QuantSettings
 
 # (experts, out, in): Mixtral-8x7B's gate/up projections are 14336 x 4096 ([out, in]), down 4096 x 14336.
 SHAPES = {"mixtral": (8, 14336, 4096), "mixtral-down": (8, 4096, 14336), "small": (8, 512, 512)}
@@ -44,17 +44,19 @@ def main(argv=None) -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--grid", choices=GRIDS, default=QuantSettings.grid)
     args = p.parse_args(argv)
     E, out, n = SHAPES[args.shape]
     W = torch.randn(E, out, n, device=args.device)
     H = random_hessians(E, n, args.device)
-    s = QuantSettings()
+    s = QuantSettings(group_size=args.group_size, grid=args.grid)
     gptq(W[:1, :, :256], H[:1, :256, :256], args.bits, s)  # warm-up (kernels, allocator)
     batched = [_time(lambda: gptq(W, H, args.bits, s), args.device) for _ in range(args.reps)]
     looped = [_time(lambda: [gptq(W[e], H[e], args.bits, s) for e in range(E)], args.device) for _ in range(args.reps)]
     b, lo = statistics.median(batched), statistics.median(looped)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"GPTQ {args.bits}-bit, {E} experts of [{out}, {n}], group 128, on {name}")
+    print(f"GPTQ {args.bits}-bit, {E} experts of [{out}, {n}], group {args.group_size}, grid {args.grid}, on {name}")
     print(f"  batched : {b:8.3f} s median of {[round(x, 3) for x in batched]}  {E * n / b:10.0f} columns/s")
     print(f"  looped  : {lo:8.3f} s median of {[round(x, 3) for x in looped]}  {E * n / lo:10.0f} columns/s")
     print(f"  batched is {lo / b:.2f}x the per-expert loop")

@@ -5,6 +5,11 @@ columns (``-1``: one group per row, i.e. per channel). Each row of each group ha
 integer zero point; a code ``q in [0, 2^bits)`` stands for ``scale * (q - zero)``. As in GPTQ's
 quantizer, the grid always contains 0 (the range is widened to include it) and the symmetric
 variant fixes ``zero = 2^(bits-1)``.
+
+GPTQ (gptq.py) chooses each group's grid by a search over shrunk min-max ranges (``shrunk_grid``)
+scored on its own loss, by default; ``grid_search`` is the cheap form of that search, scored on
+the rounding error alone. The min-max grid (``grid="minmax"``, what the reference implementation
+uses) is always a candidate.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from paretoq.errors import ParetoqError
+
 BITS = (2, 3, 4, 8)
+GROUP_SIZES = (256, 128, 64, 32)  # the group sizes GPTQ kernels and formats commonly serve, offered on a bad one
+GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
+GRID_STEPS = 100  # shrink factors 1, 0.99, ..., 0.21: the reference quantizer's MSE grid (grid=100, maxshrink=.8)
+GRID_MAX_SHRINK = 0.8
 
 
 @dataclass(frozen=True)
@@ -23,10 +34,11 @@ class QuantSettings:
     act_order: bool = False
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128  # GPTQ's lazy-update block
+    grid: str = "search"  # "search": shrink search on GPTQ's loss (gptq.py); "minmax": the reference's grid
 
     def to_dict(self) -> dict:
         return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
-                "damp": self.damp}
+                "damp": self.damp, "grid": self.grid}
 
 
 @dataclass
@@ -57,6 +69,34 @@ def group_columns(in_features: int, group_size: int) -> int:
     return group_size
 
 
+def check_group_size(group_size: int, widths: dict[str, int]) -> None:
+    """Refuse, before any work, a group size that does not tile the input width of every component.
+
+    ``widths``: component key (or any name) -> input width (``Component.shape[1]``). A group at
+    least as wide as a row is one group per row (``group_columns``), so only narrower groups must
+    divide. The error names the first widths that fail and the group sizes that tile them all
+    (GPT-OSS: 2880 = 64 x 45, so 64 or 32, never 128).
+    """
+    if group_size == -1:
+        return
+    if group_size < 1:
+        raise ParetoqError(f"group size {group_size} must be positive, or -1 for one group per row (per channel)")
+    bad: dict[int, list[str]] = {}
+    for name, w in widths.items():
+        if group_size < w and w % group_size:
+            bad.setdefault(w, []).append(name)
+    if not bad:
+        return
+    fits = [g for g in GROUP_SIZES if all(g >= w or w % g == 0 for w in widths.values())]
+    named = "; ".join(f"{w} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
+                      for w, names in sorted(bad.items()))
+    if fits:
+        fix = f"pass --group-size {' or '.join(map(str, fits))} (or -1, per channel)"
+    else:
+        fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
+    raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
+
+
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of ``w [..., rows, cols]`` from its min and max (0 included)."""
     maxq = 2**bits - 1
@@ -71,6 +111,52 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
     scale = (xmax - xmin) / maxq
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
+
+
+def grid_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``w [..., rows, cols]``: the min and max, widened to contain 0 (symmetric about 0
+    with ``sym``); an all-zero row gets [-1, 1], any grid will do."""
+    xmin = w.amin(dim=-1).clamp(max=0)
+    xmax = w.amax(dim=-1).clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def shrunk_grid(xmin: torch.Tensor, xmax: torch.Tensor, p, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the range ``[p * xmin, p * xmax]``; ``p = 1`` is ``grid_params``' grid."""
+    maxq = 2**bits - 1
+    scale = (xmax - xmin) * p / maxq
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin * p / scale)
+    return scale, zero
+
+
+def grid_search(w: torch.Tensor, bits: int, sym: bool, weight: torch.Tensor | None = None,
+                steps: int = GRID_STEPS, max_shrink: float = GRID_MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of ``w [..., rows, cols]`` (per row) whose rounding error ``sum weight * (w - q)^2`` is
+    least, over the min-max range shrunk by ``1 - i / steps`` for ``i < max_shrink * steps``.
+
+    ``weight`` (broadcast to ``w``, e.g. ``[..., 1, cols]``) is how much an error in each column costs; in GPTQ,
+    ``1 / Hinv_cc^2``, the weight of its loss ``sum (w - q)^2 / Hinv_cc^2``. Shrinking clips the
+    outermost weights to the grid's ends; at 2-4 bits the finer step pays for that many times over.
+    """
+    weight = torch.ones_like(w) if weight is None else weight
+    xmin, xmax = grid_range(w, sym)
+    best_scale, best_zero, best = None, None, None
+    for i in range(int(max_shrink * steps)):
+        scale, zero = shrunk_grid(xmin, xmax, 1 - i / steps, bits, sym)
+        q = quantize_codes(w, scale[..., None], zero[..., None], bits)
+        err = ((scale[..., None] * (q - zero[..., None]) - w) ** 2 * weight).sum(-1)
+        if best is None:  # p = 1 is grid_params' min-max grid
+            best_scale, best_zero, best = scale, zero, err
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
