@@ -15,7 +15,7 @@ from paretoq.cache import atomic_write_text
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, Component
 from paretoq.quant.pack import packed_words
-from paretoq.quant.quantizer import BITS, QuantSettings, group_columns
+from paretoq.quant.quantizer import BITS, QuantSettings, group_columns, GRIDS
 
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
@@ -97,7 +97,10 @@ class Plan:
         quant = QuantSettings(
             group_size=int(q.get("group_size", defaults.group_size)), sym=bool(q.get("sym", defaults.sym)),
             act_order=bool(q.get("act_order", defaults.act_order)), damp=float(q.get("damp", defaults.damp)),
+            grid=str(q.get("grid", defaults.grid)),
         )
+        if quant.grid not in GRIDS:
+            raise ParetoqError(f"{source} has grid {quant.grid!r}; pass one of {', '.join(GRIDS)}")
         if quant.group_size != -1 and quant.group_size <= 0:
             raise ParetoqError(f"{source} has group_size {quant.group_size}; pass a positive group size or -1")
         return cls(bits=dict(bits), quant=quant, model=d.get("model") or {}, budget=d.get("budget"),
