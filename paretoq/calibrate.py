@@ -33,6 +33,7 @@ from tqdm import tqdm
 from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest, model_fingerprint
 from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing, _Recorder
 from paretoq.data import TokenSet
+from paretoq.errors import ParetoqError
 from paretoq.evaluate import DEFAULT_MAX_BYTES, DiskLogprobs, Reference
 from paretoq.probes.features import Features, compute_features
 from paretoq.probes.outlier import outlier_scores
@@ -210,6 +211,7 @@ def prepare(
     todo_capture = features and feats is None and light is None
     walked = bool(todo_quant or todo_refs or todo_capture)
     if walked:
+        _check_disk(sm, todo_quant, {name: parts[name] for name in todo_refs}, settings)
         _walk(sm, calib, {name: parts[name] for name in todo_refs}, ref_dirs, cache, todo_quant, cap_dir,
               todo_capture, seed, block_samples, batch_size, max_reference_bytes, refs, progress)
         if todo_capture:
@@ -223,6 +225,22 @@ def prepare(
     if cache is not None:
         cache.load_losses(widths)
     return Prepared(sm, key, feats, cache, refs, walked, time.time() - started)
+
+
+def _check_disk(sm: StreamedModel, todo_quant, ref_parts: dict[str, TokenSet], settings) -> None:
+    """Refuse, before the walk, caches that the disk under the cache root cannot hold."""
+    params = {}
+    for c in sm.adapter.components:
+        params[c.layer] = params.get(c.layer, 0) + c.params
+    group = settings.group_size if settings is not None and settings.group_size > 0 else 128
+    need = sum(params.get(layer, 0) * (b / 8 + 8 / group) for layer, b in todo_quant)  # codes + fp32 scale, zero
+    need += sum(part.input_ids.numel() * sm.model.config.vocab_size * 4 for part in ref_parts.values())
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise ParetoqError(f"the caches need about {need / 1e9:.1f} GB under {root} but only {free / 1e9:.1f} GB "
+                           f"is free; free space there or point PARETOQ_CACHE at a larger disk")
 
 
 @torch.no_grad()

@@ -105,3 +105,63 @@ def test_a_model_that_fits_stays_resident(tiny_search_model_dir):
     with sm.layer(0):
         pass
     assert all(p.device.type != "meta" for p in sm.layers[0].parameters())
+
+
+def _one_line_error(capsys, argv) -> str:
+    from paretoq.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("paretoq: error:")
+    return err[0]
+
+
+@pytest.fixture
+def broken_copy(tiny_search_model_dir, tmp_path):
+    import shutil
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny_search_model_dir, path)
+    return path
+
+
+def test_truncated_shard_is_refused_before_any_work(broken_copy, capsys):
+    shard = next(broken_copy.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    msg = _one_line_error(capsys, ["eval", "--model", str(broken_copy), "--uniform", "4"])
+    assert "truncated" in msg and shard.name in msg
+
+
+def test_index_naming_a_missing_shard_is_refused(broken_copy, capsys):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    single = broken_copy / "model.safetensors"
+    state = load_file(str(single))
+    names = sorted(state)
+    save_file({n: state[n] for n in names[: len(names) // 2]}, str(broken_copy / "model-00001-of-00002.safetensors"))
+    index = {"weight_map": {n: "model-0000%d-of-00002.safetensors" % (1 if i < len(names) // 2 else 2)
+                            for i, n in enumerate(names)}}
+    (broken_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    single.unlink()
+    msg = _one_line_error(capsys, ["probe", "--model", str(broken_copy)])
+    assert "model-00002-of-00002.safetensors" in msg
+
+
+def test_unknown_dtype_is_refused(tiny_search_model_dir, capsys):
+    msg = _one_line_error(capsys, ["eval", "--model", str(tiny_search_model_dir), "--uniform", "4", "--dtype", "fp8"])
+    assert "fp8" in msg and "bfloat16" in msg
+
+
+def test_too_little_disk_for_the_caches_is_refused_before_the_walk(tiny_search_model_dir, capsys, monkeypatch,
+                                                                   tmp_path):
+    import shutil
+    from collections import namedtuple
+
+    monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / "cache"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    msg = _one_line_error(capsys, ["eval", "--model", str(tiny_search_model_dir), "--uniform", "4"])
+    assert "PARETOQ_CACHE" in msg
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))

@@ -104,6 +104,13 @@ class ShardReader:
         self.map = weight_map(self.model_dir)
         self.alias = model_names(list(self.map), model_type) if model_type else {}
         self._open: dict[str, object] = {}
+        for file in sorted(set(self.map.values())):  # a truncated shard fails now, not after hours of work
+            try:
+                with safe_open(str(self.model_dir / file), framework="pt"):
+                    pass
+            except Exception as exc:
+                raise ParetoqError(f"cannot read {self.model_dir / file} ({exc}); the shard is truncated or "
+                                   f"damaged: copy or save it again") from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.alias or name in self.map
