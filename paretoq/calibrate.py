@@ -268,7 +268,7 @@ def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_captu
         widths = sorted(b for (layer, b) in todo_quant if layer == i)
         with sm.layer(i) as layer:
             if need_hooks:
-                rec = _Recorder(adapter, positions)
+                rec = _Recorder(adapter, positions, hessians=bool(widths))  # a probe needs no Hessian
                 rec.attach({i}, stop=False)
                 try:
                     for j, (x, shape) in enumerate(zip(calib_h, calib_shapes)):

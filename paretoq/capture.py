@@ -140,8 +140,9 @@ class _StopForward(Exception):
 class _Recorder:
     """The hooks of one capture pass and what they accumulate."""
 
-    def __init__(self, adapter: Adapter, block_positions: torch.Tensor):
+    def __init__(self, adapter: Adapter, block_positions: torch.Tensor, hessians: bool = True):
         self.adapter = adapter
+        self.want_hessians = hessians  # False: routing, token counts and block samples only (probes)
         self.hessians: dict[str, torch.Tensor] = {}
         self.site: dict[str, str] = {}
         self.tokens: dict[str, int] = {}
@@ -167,7 +168,8 @@ class _Recorder:
             if site is None:  # first reader of this tensor: it owns the site
                 site = key
                 seen.append((x, site))
-                _accumulate(self.hessians, site, x)
+                if self.want_hessians:
+                    _accumulate(self.hessians, site, x)
             self.site[key] = site
             self.tokens[key] = self.tokens.get(key, 0) + x.numel() // x.shape[-1]
 
@@ -185,7 +187,7 @@ class _Recorder:
                     x = hidden[rows]
                     keys = [f"{prefix}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
                     site_in, site_down = f"{prefix}.{e}.input", f"{prefix}.{e}.down_proj"
-                    if rows.numel():
+                    if rows.numel() and self.want_hessians:
                         _accumulate(self.hessians, site_in, x)
                         _accumulate(self.hessians, site_down, expert_intermediate(module, e, x))
                     for key in keys:
