@@ -224,6 +224,11 @@ def prepare(
         atomic_write_text(feat_path, json.dumps(feats.to_dict()))
     if cache is not None:
         cache.load_losses(widths)
+        if not sm.resident:  # streaming: hold one layer's entries at every width, never the whole model's
+            per_layer: dict[int, int] = {}
+            for c in adapter.components:
+                per_layer[c.layer] = per_layer.get(c.layer, 0) + c.params
+            cache.max_bytes = int(max(per_layer.values()) * len(widths) * 1.25)  # codes + scales and zeros
     return Prepared(sm, key, feats, cache, refs, walked, time.time() - started)
 
 

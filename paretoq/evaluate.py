@@ -277,7 +277,7 @@ class StreamedEvaluator(PlanEvaluator):
         adapter = self.sm.adapter
         saved = {k: adapter.weight(k).detach().clone() for k in bits} if self.sm.resident else {}
         try:
-            for key, b in bits.items():
+            for key, b in sorted(bits.items(), key=lambda kv: kv[1]):  # each (layer, width) entry read once
                 adapter.set_weight(key, self.weight_of(key, b))
             yield
         finally:

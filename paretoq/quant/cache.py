@@ -8,10 +8,10 @@ settings, the layer and the width, so a second run with the same inputs quantize
 change of data or settings misses.
 
 Entries are written by the calibration walk (`paretoq.calibrate`), layer by layer, or by ``fill``
-from an in-memory capture. They stay packed on disk and are read lazily; at most
-``max_entries`` (layer, width) entries are held in memory at once (least recently used goes
-first), so memory is bounded by that many layers' codes, not by the model. GPTQ's losses are read
-from the entries' headers alone.
+from a capture held in memory. Codes are packed on disk (``bits`` bits a weight) and read lazily;
+the entries held in memory (unpacked, one byte a weight) are bounded by ``max_bytes`` (default
+2 GiB, at least one entry; least recently used goes first), so memory is bounded by a few layers'
+codes, not by the model. GPTQ's losses are read from the entries' headers alone.
 """
 
 from __future__ import annotations
@@ -38,14 +38,19 @@ def _metadata(blob: bytes) -> dict:
     return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
 
 
-# Entries held in memory: a few layers' codes (uint8, one byte a weight), so that evaluating a plan
-# layer by layer reads each entry once while the ones it needs next stay loaded.
-DEFAULT_MAX_ENTRIES = 8
+# Bytes of entries held in memory (codes unpacked to one byte a weight, plus scales and zeros): a
+# small model's whole cache, so trials never read the disk; about one layer at every width of
+# Qwen3-30B-A3B (623M weights a layer), so evaluating a plan layer by layer reads each entry once.
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+def _nbytes(entry: dict[str, QuantizedTensor]) -> int:
+    return sum(t.codes.nbytes + t.scales.nbytes + t.zeros.nbytes for t in entry.values())
 
 
 class QuantCache:
     def __init__(self, adapter: Adapter, capture: Capture | None, capture_key: str, settings: QuantSettings,
-                 root: Path | None = None, max_entries: int = DEFAULT_MAX_ENTRIES):
+                 root: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
         self.adapter = adapter
         self.capture = capture  # None: entries come from the calibration walk (``write``)
         self.settings = settings
@@ -53,7 +58,8 @@ class QuantCache:
         self._key = digest("quant", capture_key, settings.to_dict(), settings.block_size)
         self._layers = sorted({c.layer for c in adapter.components})
         self._loaded: OrderedDict[tuple[int, int], dict[str, QuantizedTensor]] = OrderedDict()
-        self.max_entries = max(1, max_entries)
+        self.max_bytes = max_bytes
+        self._held = 0
         self.loss: dict[tuple[str, int], float] = {}
         self.rtn_fallback: set[str] = set()
         self.computed = 0  # entries quantized by this object (0 on a full cache hit)
@@ -133,8 +139,10 @@ class QuantCache:
                                    f"run the calibration walk to (re)write it")
             entry = self._compute(layer, bits, path)
         self._loaded[(layer, bits)] = entry
-        while len(self._loaded) > self.max_entries:
-            self._loaded.popitem(last=False)
+        self._held += _nbytes(entry)
+        while self._held > self.max_bytes and len(self._loaded) > 1:
+            _, old = self._loaded.popitem(last=False)
+            self._held -= _nbytes(old)
         return entry
 
     def _compute(self, layer: int, bits: int, path: Path) -> dict[str, QuantizedTensor]:
