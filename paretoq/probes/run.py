@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest
+from paretoq.cache import (atomic_write, atomic_write_text, cache_root, check_writable_dir, digest, load_entry,
+                           read_checked_json, write_checked_json)
 from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, cached_capture, capture_key
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
 from paretoq.models import load_model
@@ -50,14 +51,16 @@ def probe(
     """
     started = time.time()
     docs = read_documents(calib)  # a bad text file fails before minutes of model loading
+    check_writable_dir(Path(out))
     # Keys come from the config, files and tokens: weights are loaded only when something is missing.
     meta = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, weights=False)
     sets = load_token_sets(meta.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     cap_key = capture_key(meta, sets.calib, block_samples, seed)
     feat_path = features_cache_path(cap_key, alpha, seed)
-    feats_cached = cap_cached = use_cache and feat_path.is_file()
+    raw = load_entry(feat_path, read_checked_json, "features") if use_cache else None
+    feats_cached = cap_cached = raw is not None
     if feats_cached:
-        features = Features.from_dict(json.loads(feat_path.read_text()))
+        features = Features.from_dict(raw)
     else:
         loaded = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         cap, _, cap_cached = cached_capture(loaded, sets.calib, batch_size, block_samples, seed, use_cache, progress)
@@ -79,12 +82,13 @@ def features_cache_path(cap_key: str, alpha: float, seed: int) -> Path:
 def cached_features(loaded, cap, cap_key: str, alpha: float = ALPHA, seed: int = 0, use_cache: bool = True) -> Features:
     """The probe features of a capture, from the cache or computed (and cached)."""
     path = features_cache_path(cap_key, alpha, seed)
-    if use_cache and path.is_file():
-        return Features.from_dict(json.loads(path.read_text()))
+    raw = load_entry(path, read_checked_json, "features") if use_cache else None
+    if raw is not None:
+        return Features.from_dict(raw)
     features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)
     features.meta.update(model=str(loaded.name_or_path), model_type=loaded.model.config.model_type)
     if use_cache:
-        atomic_write_text(path, json.dumps(features.to_dict()))
+        write_checked_json(path, features.to_dict())
     return features
 
 

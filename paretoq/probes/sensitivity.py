@@ -4,11 +4,9 @@ full precision), on a subset of the eval windows. The knapsack baseline and the 
 
 from __future__ import annotations
 
-import json
-
 from tqdm import tqdm
 
-from paretoq.cache import atomic_write_text, cache_root, digest
+from paretoq.cache import cache_root, digest, load_entry, read_checked_json, write_checked_json
 from paretoq.evaluate import Assembler, Reference, evaluate
 from paretoq.space import Group
 
@@ -18,8 +16,8 @@ def measure_sensitivity(assembler: Assembler, groups: list[Group], ref: Referenc
     """``{group: {bits: KL}}``, cached on disk under ``cache_key`` (None: not cached)."""
     path = cache_root() / "sensitivity" / f"{digest('sensitivity', cache_key, [g.name for g in groups])}.json" \
         if cache_key else None
-    if path is not None and path.is_file():
-        raw = json.loads(path.read_text())
+    raw = load_entry(path, read_checked_json, "sensitivity") if path is not None else None
+    if raw is not None:
         return {g: {int(b): v for b, v in d.items()} for g, d in raw.items()}
     out: dict[str, dict[int, float]] = {}
     jobs = [(g, b) for g in groups for b in g.choices]
@@ -27,5 +25,5 @@ def measure_sensitivity(assembler: Assembler, groups: list[Group], ref: Referenc
         with assembler.apply({k: b for k in g.keys}):
             out.setdefault(g.name, {})[b] = evaluate(assembler.adapter.model, ref).kl
     if path is not None:
-        atomic_write_text(path, json.dumps(out))
+        write_checked_json(path, out)
     return out
