@@ -48,6 +48,24 @@ def expand_tasks(tasks: list[str]) -> list:
     return out
 
 
+def check_tasks(tasks: list) -> None:
+    """Unknown lm-eval task names fail here, in one line, before the model is loaded."""
+    names = [t for t in tasks if isinstance(t, str)]  # the demo's tasks are configs, always known
+    if not names:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ParetoqError("lm-eval is not installed; pip install 'paretoq[eval]' (lm-eval[hf])") from None
+    known = TaskManager().all_tasks
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        close = sorted(k for k in known if unknown[0].split("_")[0] in k)[:3]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ParetoqError(f"unknown lm-eval task {unknown[0]!r}{hint}; pass task names that `lm-eval ls tasks` "
+                           f"lists, or 'demo'")
+
+
 def eval_plans(
     plans: list[str | Path] = (),
     uniform: list[int] = (),
@@ -71,6 +89,8 @@ def eval_plans(
             raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
     if not named and not uniform:
         raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
+    tasks = expand_tasks(list(lm_eval))
+    check_tasks(tasks)
     docs = read_documents(calib)
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     named += [(f"uniform-{b}", Plan.uniform(loaded.adapter, b)) for b in uniform]
@@ -80,7 +100,6 @@ def eval_plans(
     ref = cached_reference(loaded, sets.eval, use_cache=use_cache)
     cap, cap_key, _ = cached_capture(loaded, sets.calib, seed=seed, use_cache=use_cache, progress=progress)
     caches: dict = {}
-    tasks = expand_tasks(list(lm_eval))
     report = EvalReport([])
     if tasks:
         report.fp_lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
