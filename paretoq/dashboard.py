@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -358,7 +359,9 @@ def resolve(study: str | None = None, storage: str | None = None) -> Target:
         rdb = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage=rdb)
     except ImportError as exc:  # the database driver (psycopg2 for PostgreSQL) is not installed
-        name = exc.name or "the database driver"
+        cause = exc.__cause__ or exc.__context__  # Optuna re-raises the driver's own ImportError
+        found = re.search(r"No module named '([^'.]+)", f"{exc} {cause}")
+        name = exc.name or getattr(cause, "name", None) or (found.group(1) if found else "the database driver")
         raise ParetoqError(f"storage {mask_url(url)} needs the Python package {name!r}; "
                            f"pip install {'psycopg2-binary' if name == 'psycopg2' else name}") from None
     except (SQLAlchemyError, ValueError) as exc:  # a malformed URL, no database server

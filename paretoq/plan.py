@@ -20,6 +20,7 @@ from paretoq.quant.quantizer import BITS, QuantSettings, group_columns
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
 GRID_BITS_PER_GROUP = 32
+MIN_DAMP = 1e-4
 
 
 @dataclass
@@ -122,9 +123,10 @@ class Plan:
             raise ParetoqError(f"{source} has group_size {group_size!r}; pass a positive integer (e.g. 128) or -1 "
                                f"(per channel)")
         damp = q.get("damp", defaults.damp)
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (0 < damp <= 1):
-            raise ParetoqError(f"{source} has damp {damp!r}; pass a number in (0, 1], e.g. {defaults.damp} "
-                               f"(a fraction of the mean Hessian diagonal)")
+        # Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (MIN_DAMP <= damp <= 1):
+            raise ParetoqError(f"{source} has damp {damp!r}; pass a number from {MIN_DAMP:g} to 1, e.g. "
+                               f"{defaults.damp} (a fraction of the mean Hessian diagonal)")
         for name in ("sym", "act_order"):
             if not isinstance(q.get(name, False), bool):
                 raise ParetoqError(f"{source} has {name} {q[name]!r}; pass true or false")

@@ -22,21 +22,23 @@ MAX_HEADER_BYTES = 100_000_000
 _FIX = "download or save the model again"
 
 
-def safetensors_data_end(path: Path) -> int:
-    """The byte offset where ``path``'s last tensor ends, from its header (no tensor data is read)."""
+def safetensors_data_end(path: Path, fix: str = _FIX) -> int:
+    """The byte offset where ``path``'s last tensor ends, from its header (no tensor data is read).
+    ``fix``: how to mend the file, for the message when even the header is cut short."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ParetoqError(f"{path} is truncated ({size} bytes, no safetensors header); {_FIX}")
+            raise ParetoqError(f"{path} is truncated ({size} bytes, no safetensors header); {fix}")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ParetoqError(f"{path} is truncated or not safetensors (header of {n} bytes in a file of {size}); {_FIX}")
+            raise ParetoqError(f"{path} is truncated or not safetensors (header of {n:,} bytes in a file of {size:,}); "
+                               f"{fix}")
         try:
             header = json.loads(f.read(n))
             ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
         except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
-            raise ParetoqError(f"{path} has a corrupt safetensors header; {_FIX}") from None
+            raise ParetoqError(f"{path} has a corrupt safetensors header; {fix}") from None
     return 8 + n + max(ends, default=0)
 
 

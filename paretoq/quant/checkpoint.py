@@ -88,7 +88,7 @@ def read_quantized(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ParetoqError(f"{path} has no model.safetensors; {redo}")
-    end, size = safetensors_data_end(weights), weights.stat().st_size
+    end, size = safetensors_data_end(weights, redo), weights.stat().st_size
     if size < end:
         raise ParetoqError(f"{weights} is truncated ({size:,} of {end:,} bytes); {redo}")
     return index, load_file(str(weights))
