@@ -323,9 +323,15 @@ def _quiet_interrupts() -> None:
     """Optuna logs a trial ended by Ctrl-C or SIGTERM with its traceback; paretoq says it in one line."""
     import logging
 
+    interrupted = []
+
     def keep(record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, KeyboardInterrupt) and "KeyboardInterrupt" not in record.getMessage()
+        if isinstance(exc, KeyboardInterrupt) or "KeyboardInterrupt" in record.getMessage():
+            interrupted.append(record)
+            return False
+        # Optuna follows it with "Trial N failed with value None.": the same interrupt again.
+        return not (interrupted and "failed with value None" in record.getMessage())
 
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(keep)
