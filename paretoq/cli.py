@@ -210,9 +210,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         # --trials counts the baselines (docs/cli.md): say so when they took every trial.
         queued = {t.user_attrs["source"] for t in state.study.get_trials(deepcopy=False)
                   if str(t.user_attrs.get("source", "")).startswith("baseline:")}
+        unverified = len(queued) - len(done)
+        left = f" ({unverified} baselines, knapsack among them, not verified)" if unverified > 0 else ""
         print(f"paretoq: note: the {len(queued)} baselines take the first {len(queued)} trials and --trials "
-              f"{args.trials} ended the study after {len(done)} of them, so the search proper did not run; pass "
-              f"--trials above {len(queued)} (e.g. {len(queued) + 40})", file=sys.stderr)
+              f"{args.trials} ended the study after {len(done)} of them{left}, so the search proper did not run; "
+              f"pass --trials above {len(queued)} (e.g. {len(queued) + 40})", file=sys.stderr)
     if state.plan is not None:
         m = state.plan.metrics
         print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
