@@ -16,9 +16,8 @@ from pathlib import Path
 
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
+from paretoq.quant.quantizer import BITS
 from paretoq.storage import HEARTBEAT_SECONDS
-
-BITS = (2, 3, 4, 8)  # paretoq.quant.quantizer.BITS, restated so that parsing imports no torch
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,7 +50,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def integer(lo: int | None = None, hi: int | None = None, what: str = "an integer"):
+def integer(lo: int | None = None, hi: int | None = None):
     """A converter for integers in [lo, hi], whose error names the accepted range."""
     accepted = (f"an integer from {lo} to {hi}" if hi is not None else f"an integer of at least {lo}"
                 if lo is not None else "an integer")
@@ -65,16 +64,14 @@ def integer(lo: int | None = None, hi: int | None = None, what: str = "an intege
             raise argparse.ArgumentTypeError(f"{value} is out of range; pass {accepted}")
         return value
 
-    convert.__name__ = what  # argparse names the type in its own messages
     return convert
 
 
 def bit_width(text: str) -> int:
-    value = integer(what="bit width")(text)
-    if value not in BITS:
-        raise argparse.ArgumentTypeError(f"{value} is not a bit width paretoq quantizes to; pass one of "
+    if not text.strip().isdigit() or int(text) not in BITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width paretoq quantizes to; pass one of "
                                          f"{', '.join(map(str, BITS))}")
-    return value
+    return int(text)
 
 
 def bit_list(text: str) -> tuple[int, ...]:
@@ -109,7 +106,7 @@ def device(text: str) -> str:
 
 
 def port(text: str) -> int:
-    return integer(1, 65535, "port")(text)
+    return integer(1, 65535)(text)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
