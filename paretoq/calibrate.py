@@ -22,15 +22,17 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save_file
 from tqdm import tqdm
 
-from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest, model_fingerprint
+from paretoq.cache import (CorruptEntry, atomic_write_text, cache_root, digest, load_checked_entry,
+                           load_checked_tensors, load_entry, model_fingerprint, read_checked_json,
+                           save_checked_tensors, write_checked_json)
 from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing, _Recorder
 from paretoq.data import TokenSet
 from paretoq.errors import ParetoqError
@@ -75,13 +77,13 @@ def read_reference(directory: Path, input_ids: torch.Tensor) -> Reference | None
     """A reference written by the walk, or None when absent or damaged."""
     try:
         meta = json.loads((directory / "reference.json").read_text())
-        head = load((directory / "head.safetensors").read_bytes())
+        head = load_checked_tensors(directory / "head.safetensors")
         if meta["exact_in_memory"]:
-            logprobs = load((directory / "logprobs.safetensors").read_bytes())["logprobs"]
-        else:
+            logprobs = load_checked_tensors(directory / "logprobs.safetensors")["logprobs"]
+        else:  # every batch checked once here; trials then read them without hashing
             logprobs = DiskLogprobs(directory, meta["batch_size"], input_ids.shape[0])
-            if not all(logprobs.file(i).is_file() for i in range(meta["batches"])):
-                return None
+            for i in range(meta["batches"]):
+                load_checked_tensors(logprobs.file(i))
         if not torch.equal(head["input_ids"], input_ids):
             return None
         return Reference(input_ids, meta["nll"], head["argmax"], logprobs)
@@ -108,15 +110,15 @@ class _ReferenceWriter:
         if self.in_memory:
             self.kept.append(lp)
         else:
-            save_file({"logprobs": lp}, str(self.tmp / f"batch{self.batches}.safetensors"))
+            save_checked_tensors(self.tmp / f"batch{self.batches}.safetensors", {"logprobs": lp})
         self.batches += 1
 
     def finish(self) -> Reference:
         ids = self.part.input_ids
         argmax = torch.cat(self.argmax)
-        save_file({"input_ids": ids.contiguous(), "argmax": argmax}, str(self.tmp / "head.safetensors"))
+        save_checked_tensors(self.tmp / "head.safetensors", {"input_ids": ids.contiguous(), "argmax": argmax})
         if self.in_memory:
-            save_file({"logprobs": torch.cat(self.kept)}, str(self.tmp / "logprobs.safetensors"))
+            save_checked_tensors(self.tmp / "logprobs.safetensors", {"logprobs": torch.cat(self.kept)})
         nll = self.nll / ids[:, 1:].numel()
         (self.tmp / "reference.json").write_text(json.dumps(
             {"nll": nll, "exact_in_memory": self.in_memory, "batch_size": self.batch_size, "batches": self.batches}))
@@ -136,21 +138,21 @@ def _save_light_capture(directory: Path, layer: int, cap: Capture, outliers: dic
         tensors[f"block/{lay}/inputs"] = b.inputs.contiguous()
         tensors[f"block/{lay}/outputs"] = b.outputs.contiguous()
     meta = {"site": cap.site, "tokens": cap.tokens, "outliers": outliers}
-    atomic_write(directory / f"layer{layer}.safetensors",
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
+    save_checked_tensors(directory / f"layer{layer}.safetensors", tensors, metadata={"index": json.dumps(meta)})
 
 
 def _read_light_captures(directory: Path, layers: int) -> tuple[Capture, dict[str, float]] | None:
     """The per-layer light captures merged into one `Capture` (no Hessians), or None if any is missing."""
     try:
-        token_ids = load((directory / "tokens.safetensors").read_bytes())["token_ids"]
+        token_ids = load_checked_tensors(directory / "tokens.safetensors")["token_ids"]
         meta_all = json.loads((directory / "meta.json").read_text())
         routing, blocks, site, tokens, outliers = {}, {}, {}, {}, {}
         for layer in range(layers):
-            blob = (directory / f"layer{layer}.safetensors").read_bytes()
-            tensors = load(blob)
-            n = int.from_bytes(blob[:8], "little")
-            meta = json.loads(json.loads(blob[8 : 8 + n])["__metadata__"]["index"])
+            entry = load_entry(directory / f"layer{layer}.safetensors", load_checked_entry, "capture")
+            if entry is None:
+                return None
+            tensors, metadata = entry
+            meta = json.loads(metadata["index"])
             site.update(meta["site"])
             tokens.update(meta["tokens"])
             outliers.update(meta["outliers"])
@@ -202,11 +204,9 @@ def prepare(
     todo_refs = [name for name in parts if name not in refs]
     feats = None
     feat_path = features_cache_path(key, alpha, seed)
-    if features and use_cache and feat_path.is_file():
-        try:
-            feats = Features.from_dict(json.loads(feat_path.read_text()))
-        except Exception:
-            feats = None
+    raw = load_entry(feat_path, read_checked_json, "features") if features and use_cache else None
+    if raw is not None:
+        feats = Features.from_dict(raw)
     light = _read_light_captures(cap_dir, n) if features and feats is None and use_cache else None
     todo_capture = features and feats is None and light is None
     walked = bool(todo_quant or todo_refs or todo_capture)
@@ -221,7 +221,7 @@ def prepare(
         cap, outliers = light
         feats = compute_features(adapter, cap, alpha=alpha, seed=seed, outliers=outliers)
         feats.meta.update(model=str(sm.loaded.name_or_path), model_type=sm.model.config.model_type)
-        atomic_write_text(feat_path, json.dumps(feats.to_dict()))
+        write_checked_json(feat_path, feats.to_dict())
     if cache is not None:
         cache.load_losses(widths)
         if not sm.resident:  # streaming: hold one layer's entries at every width, never the whole model's
@@ -264,8 +264,7 @@ def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_captu
     positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
     if todo_capture:
         cap_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(cap_dir / "tokens.safetensors",
-                     lambda tmp: save_file({"token_ids": ids.flatten().contiguous()}, str(tmp)))
+        save_checked_tensors(cap_dir / "tokens.safetensors", {"token_ids": ids.flatten().contiguous()})
         atomic_write_text(cap_dir / "meta.json", json.dumps(
             {"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": total,
              "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -15,7 +16,98 @@ from pathlib import Path
 
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
+from paretoq.quant.quantizer import BITS
 from paretoq.storage import HEARTBEAT_SECONDS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (option, value, what is accepted) and no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"paretoq: error: {message}; see `{self.prog} --help`\n")
+
+
+def _number(text: str, accepted: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass {accepted}") from None
+
+
+def bits_budget(text: str) -> float:
+    """A budget in average bits per weight: a finite number between the smallest and largest width."""
+    value = _number(text, f"a number between {min(BITS)} and {max(BITS)}")
+    if not (math.isfinite(value) and min(BITS) <= value <= max(BITS)):
+        raise argparse.ArgumentTypeError(f"budget {text} is outside the bit choices; pass a number between "
+                                         f"{min(BITS)} and {max(BITS)}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, "a positive number of seconds")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds; pass one, e.g. 600")
+    return value
+
+
+def integer(lo: int | None = None, hi: int | None = None):
+    """A converter for integers in [lo, hi], whose error names the accepted range."""
+    accepted = (f"an integer from {lo} to {hi}" if hi is not None else f"an integer of at least {lo}"
+                if lo is not None else "an integer")
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass {accepted}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; pass {accepted}")
+        return value
+
+    return convert
+
+
+def bit_width(text: str) -> int:
+    if not text.strip().isdigit() or int(text) not in BITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width paretoq quantizes to; pass one of "
+                                         f"{', '.join(map(str, BITS))}")
+    return int(text)
+
+
+def bit_list(text: str) -> tuple[int, ...]:
+    """``--bits 2,3,4``: a comma-separated subset of the widths."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} names no width; pass a comma-separated subset of "
+                                         f"{','.join(map(str, BITS))}, e.g. 2,3,4")
+    widths = []
+    for p in parts:
+        if not p.lstrip("-").isdigit() or int(p) not in BITS:
+            raise argparse.ArgumentTypeError(f"{p!r} is not a supported width; pass a comma-separated subset of "
+                                             f"{','.join(map(str, BITS))}, e.g. 2,3,4")
+        widths.append(int(p))
+    return tuple(sorted(set(widths)))
+
+
+def device(text: str) -> str:
+    """cpu, cuda or cuda:N (and auto where a command offers it); cuda only where torch sees a GPU."""
+    if text in ("auto", "cpu"):
+        return text
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text} was asked for but torch sees no CUDA device; pass --device cpu")
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} CUDA devices; "
+                                             f"pass cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+        return text
+    raise argparse.ArgumentTypeError(f"unknown device {text!r}; pass cpu or cuda (cuda:N for one GPU)")
+
+
+def port(text: str) -> int:
+    return integer(1, 65535)(text)
+
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="local Hugging Face model directory, or 'demo' (default)")
@@ -48,7 +140,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
         model=args.model, calib=args.calib, out=args.out, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
         device=args.device, max_memory=args.max_memory, use_cache=not args.no_cache,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, progress=not args.quiet,
     )
     print(format_summary(result))
     return 0
@@ -61,6 +153,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan=args.plan, out=args.out, model=args.model, uniform=args.uniform, calib=args.calib,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
     )
     print(f"wrote {r.out}: {len(r.plan.bits)} components at {r.avg_bits:.3f} average bits, "
           f"{r.size_bytes / 1e6:.2f} MB of codes, scales and zeros ({r.seconds:.1f} s)")
@@ -78,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
-        trust_remote_code=args.trust_remote_code, progress=not args.json,
+        trust_remote_code=args.trust_remote_code, progress=not (args.json or args.quiet),
     )
     if args.json:
         rows = [p.to_dict() for p in report.plans]
@@ -94,7 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from paretoq.search import SearchConfig, run_search
 
-    bits = tuple(int(b) for b in args.bits.split(",")) if args.bits else None
+    bits = args.bits
     state = run_search(SearchConfig(
         budget=args.budget, model=args.model, calib=args.calib, space=args.space, bits=bits, trials=args.trials,
         timeout=args.timeout, seed=args.seed, study=args.study, storage=args.storage,
@@ -102,23 +195,33 @@ def cmd_search(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
         dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
-        progress=not args.worker, target=args.target,
+        progress=not (args.worker or args.quiet), target=args.target,
     ))
     if args.worker:
         return 130 if state.interrupted else 0
     from paretoq.report import completed
 
-    done = len(completed(state.study))
+    done = completed(state.study)
     if state.interrupted:
-        print(f"paretoq: interrupted after {done} of {args.trials} verified trials; outputs written for them. "
-              "Run the same command again to resume.", file=sys.stderr)
+        print(f"paretoq: interrupted after {len(done)} of {args.trials} verified trials; the study keeps them and "
+              f"the outputs in {state.out} cover them; run the same command again to resume", file=sys.stderr)
+    elif done and all(str(t.user_attrs.get("source", "")).startswith("baseline:") for t in done):
+        # --trials counts the baselines (docs/cli.md): say so when they took every trial.
+        queued = {t.user_attrs["source"] for t in state.study.get_trials(deepcopy=False)
+                  if str(t.user_attrs.get("source", "")).startswith("baseline:")}
+        unverified = len(queued) - len(done)
+        left = f" ({unverified} baselines, knapsack among them, not verified)" if unverified > 0 else ""
+        print(f"paretoq: note: the {len(queued)} baselines take the first {len(queued)} trials and --trials "
+              f"{args.trials} ended the study after {len(done)} of them{left}, so the search proper did not run; "
+              f"pass --trials above {len(queued)} (e.g. {len(queued) + 40})", file=sys.stderr)
     if state.plan is not None:
         m = state.plan.metrics
         print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
               f"(fp {m['ppl_fp']:.3f}), trial {m['trial']} ({m['source']})")
+        print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
     else:
-        print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
-    print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
+        print(f"no verified plan within {args.budget:g} bits yet, so no plan.json; run more --trials")
+        print(f"wrote {state.out}/front.json, front.png, report.md")
     print(f"inspect: paretoq dashboard --study {state.study.study_name}")
     return 130 if state.interrupted else 0
 
@@ -192,16 +295,16 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--calib", default="demo",
                    help="calibration text: a .txt file, a .jsonl file with a 'text' field, or 'demo' (default)")
-    p.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+    p.add_argument("--calib-tokens", type=integer(1), default=DEFAULT_CALIB_TOKENS,
                    help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
-    p.add_argument("--eval-tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+    p.add_argument("--eval-tokens", type=integer(1), default=DEFAULT_EVAL_TOKENS,
                    help=f"evaluation tokens kept out of calibration (default {DEFAULT_EVAL_TOKENS})")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help=f"window length (default {DEFAULT_SEQ_LEN})")
-    p.add_argument("--seed", type=int, default=0, help="seed for the windows and every random choice (default 0)")
+    p.add_argument("--seq-len", type=integer(1), default=DEFAULT_SEQ_LEN, help=f"window length (default {DEFAULT_SEQ_LEN})")
+    p.add_argument("--seed", type=integer(0), default=0, help="seed for the windows and every random choice (default 0)")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (default: the checkpoint's own; float32 for the demo), bfloat16, "
                         "float16 or float32")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", type=device, help="cpu (default) or cuda")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory the model's weights may hold on the device, e.g. 24GB: a model that fits is kept "
                         "there once read, a larger one is streamed layer by layer; 0 always streams "
@@ -214,8 +317,36 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+# What an interrupted command leaves, and how to go on (a search interrupted in its trials says it itself).
+INTERRUPTED = {
+    "search": "the finished setup steps are cached and the study keeps its verified trials; run the same command "
+              "again to resume",
+    "probe": "the finished steps are cached and no output was written; run the same command again to resume",
+    "eval": "the finished steps are cached and nothing was written; run the same command again to resume",
+    "quantize": "no checkpoint was written (it appears whole or not at all); run the same command again",
+}
+
+
+def _quiet_interrupts() -> None:
+    """Optuna logs a trial ended by Ctrl-C or SIGTERM with its traceback; paretoq says it in one line."""
+    import logging
+
+    interrupted = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KeyboardInterrupt) or "KeyboardInterrupt" in record.getMessage():
+            interrupted.append(record)
+            return False
+        # Optuna follows it with "Trial N failed with value None.": the same interrupt again.
+        return not (interrupted and "failed with value None" in record.getMessage())
+
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(keep)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="paretoq",
         description="Pareto-optimal mixed-precision (2/3/4/8-bit) quantization plans for Mixture-of-Experts models.",
     )
@@ -223,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="the model's architecture, components, and what a budget means for it")
     _add_model(p)
-    p.add_argument("--budget", type=float, default=3.0, help="average bits per weight to explain (default 3.0)")
+    p.add_argument("--budget", type=bits_budget, default=3.0, help="average bits per weight to explain (default 3.0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--components", action="store_true", help="also list every component")
     p.set_defaults(func=cmd_info)
@@ -237,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="sequential GPTQ under a plan, saved as a packed checkpoint")
     _add_model(p)
     p.add_argument("--plan", help="plan.json (from `paretoq search`, or written by hand)")
-    p.add_argument("--uniform", type=int, help="instead of a plan: every component at this many bits (2, 3, 4 or 8)")
+    p.add_argument("--uniform", type=bit_width, help="instead of a plan: every component at this many bits (2, 3, 4 or 8)")
     p.add_argument("--out", required=True, help="new directory for the checkpoint")
     _add_data(p)
     p.set_defaults(func=cmd_quantize)
@@ -245,30 +376,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="KL, perplexity and agreement of plans against the full-precision model")
     _add_model(p)
     p.add_argument("--plan", nargs="+", help="one or more plan.json files")
-    p.add_argument("--uniform", type=int, nargs="+", help="also evaluate every component at these widths")
+    p.add_argument("--uniform", type=bit_width, nargs="+", help="also evaluate every component at these widths")
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="comma-separated lm-eval tasks run in-process and offline; 'demo' = the demo's two local tasks")
-    p.add_argument("--lm-eval-limit", type=int, help="evaluate only the first N documents of each task")
+    p.add_argument("--lm-eval-limit", type=integer(1), help="evaluate only the first N documents of each task")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one plan, else a list)")
     _add_data(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("search", help="search per-component bit widths under a budget")
     _add_model(p)
-    p.add_argument("--budget", type=float, default=3.0, help="ceiling on average bits per weight (default 3.0)")
-    p.add_argument("--trials", type=int, default=100, help="verified plans in the study, baselines included (default 100)")
-    p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--budget", type=bits_budget, default=3.0, help="ceiling on average bits per weight (default 3.0)")
+    p.add_argument("--trials", type=integer(1), default=100,
+                   help="verified plans in the study, baselines included (default 100; see docs/cli.md)")
+    p.add_argument("--timeout", type=positive_float, help="stop after this many seconds")
     p.add_argument("--space", default="default", help="search space: a bundled name (default, component, "
                    "layer-experts, layer-projection) or a YAML file")
-    p.add_argument("--bits", help="restrict the bit choices, e.g. 2,3,4")
+    p.add_argument("--bits", type=bit_list, help="restrict the bit choices, e.g. 2,3,4")
     p.add_argument("--study", help="study name (default: <model>-<budget>bit)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/paretoq.db)")
     p.add_argument("--out", help="output directory (default: studies/<study>)")
     p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
                    help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=integer(1), default=1,
                    help="worker processes on this machine, all verifying trials of one study (default 1)")
-    p.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+    p.add_argument("--heartbeat", type=integer(1), default=HEARTBEAT_SECONDS, metavar="SECONDS",
                    help=f"a running trial whose worker is silent for 3 heartbeats is failed and retried "
                         f"(default {HEARTBEAT_SECONDS})")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
@@ -280,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy text generation with a quantized checkpoint, tokens/s printed")
     p.add_argument("--checkpoint", required=True, help="directory written by `paretoq quantize`")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--device", default="auto", help="auto (cuda when present, default), cuda or cpu")
+    p.add_argument("--max-new-tokens", type=integer(1), default=64, help="tokens to generate (default 64)")
+    p.add_argument("--device", default="auto", type=device, help="auto (cuda when present, default), cuda or cpu")
     p.add_argument("--dtype", default="auto", help="auto (float16 on cuda, float32 on cpu), float16, bfloat16 or float32")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"],
                    help="auto (Triton kernels on cuda, the torch path elsewhere, default), triton or torch")
@@ -315,16 +447,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage URL (default: the one `paretoq search` used last here)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--port", type=port, default=8080, help="port (default 8080)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("zoo", help="the bundled demo model")
     zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
     t = zoo.add_parser("train", help="reproduce the demo MoE (seeded; ~25 minutes on 2 CPU cores)")
     t.add_argument("--out", required=True, help="new directory to write the model into")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped model's)")
+    t.add_argument("--seed", type=integer(0), default=0)
+    t.add_argument("--steps", type=integer(1), default=None, help="optimizer steps (default: the shipped model's)")
     t.set_defaults(func=cmd_zoo_train)
+    for name, p in sub.choices.items():
+        if name != "zoo":
+            p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
     return parser
 
 
@@ -334,14 +469,25 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler, `kill`, a container stop) ends a command as Ctrl-C does: cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument (one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "search":
+        import optuna  # noqa: F401  (importing it installs the handler that _quiet_interrupts filters)
+
+        _quiet_interrupts()
     try:
         return args.func(args)
     except ParetoqError as exc:
         print(f"paretoq: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("paretoq: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not print a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not getattr(args, "worker", False):
+            what = INTERRUPTED.get(args.command, "nothing was written; run the same command again")
+            print(f"paretoq: interrupted; {what}", file=sys.stderr)
         return 130
     except Exception:  # an internal failure: show everything
         traceback.print_exc()

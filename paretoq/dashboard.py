@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -357,7 +358,13 @@ def resolve(study: str | None = None, storage: str | None = None) -> Target:
     try:
         rdb = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage=rdb)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:  # a malformed URL, no driver, no database server
+    except ImportError as exc:  # the database driver (psycopg2 for PostgreSQL) is not installed
+        cause = exc.__cause__ or exc.__context__  # Optuna re-raises the driver's own ImportError
+        found = re.search(r"No module named '([^'.]+)", f"{exc} {cause}")
+        name = exc.name or getattr(cause, "name", None) or (found.group(1) if found else "the database driver")
+        raise ParetoqError(f"storage {mask_url(url)} needs the Python package {name!r}; "
+                           f"pip install {'psycopg2-binary' if name == 'psycopg2' else name}") from None
+    except (SQLAlchemyError, ValueError) as exc:  # a malformed URL, no database server
         raise ParetoqError(f"cannot open storage {mask_url(url)} ({type(exc).__name__}); "
                            f"pass --storage a database URL such as sqlite:///studies/paretoq.db") from None
     if not names:
@@ -412,6 +419,8 @@ class Dashboard:
 def open_dashboard(study: str | None = None, storage: str | None = None, host: str = "127.0.0.1",
                    port: int = 8080) -> Dashboard:
     """Bind optuna-dashboard's WSGI app to ``host:port`` for the study; ``serve_forever()`` serves it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ParetoqError(f"port {port!r} is out of range; pass --port from 1 to 65535")  # socket would overflow
     if not dashboard_installed():
         raise ParetoqError("optuna-dashboard is not installed; pip install 'paretoq[dashboard]'")
     from optuna_dashboard import wsgi

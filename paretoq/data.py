@@ -60,8 +60,24 @@ def demo_text_path() -> Path:
 def read_documents(source: str | Path) -> list[str]:
     """The documents of ``demo``, a ``.txt`` file or a ``.jsonl`` file with a ``text`` field."""
     path = demo_text_path() if str(source) == DEMO else Path(source).expanduser()
+    if path.is_dir():
+        raise ParetoqError(f"--calib {str(source)!r} is a directory; pass --calib a .txt or .jsonl file in it, or 'demo'")
     if not path.is_file():
         raise ParetoqError(f"text file {str(source)!r} does not exist; pass --calib a .txt or .jsonl file, or 'demo'")
+    try:
+        docs = _read(path)
+    except UnicodeDecodeError as exc:
+        raise ParetoqError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); pass --calib a UTF-8 "
+                           f".txt or .jsonl file (re-encode it, e.g. with iconv -t utf-8)") from None
+    if any("\x00" in d for d in docs):
+        raise ParetoqError(f"{path} holds NUL bytes, so it is binary, not text; pass --calib a UTF-8 .txt or .jsonl file")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ParetoqError(f"{path} holds no text; pass a file with text in it")
+    return docs
+
+
+def _read(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
         with open(path, encoding="utf-8") as f:
@@ -70,7 +86,7 @@ def read_documents(source: str | Path) -> list[str]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
                     raise ParetoqError(f"{path} line {n} is not JSON; write one JSON object per line") from None
                 if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                     raise ParetoqError(f"{path} line {n} has no string field 'text'; write {{\"text\": \"...\"}} per line")
@@ -79,9 +95,6 @@ def read_documents(source: str | Path) -> list[str]:
         docs = [path.read_text(encoding="utf-8")]
     else:
         raise ParetoqError(f"cannot read {path.name}: pass a .txt file or a .jsonl file with a 'text' field")
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ParetoqError(f"{path} holds no text; pass a file with text in it")
     return docs
 
 

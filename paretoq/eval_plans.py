@@ -47,6 +47,24 @@ def expand_tasks(tasks: list[str]) -> list:
     return out
 
 
+def check_tasks(tasks: list) -> None:
+    """Unknown lm-eval task names fail here, in one line, before the model is loaded."""
+    names = [t for t in tasks if isinstance(t, str)]  # the demo's tasks are configs, always known
+    if not names:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ParetoqError("lm-eval is not installed; pip install 'paretoq[eval]' (lm-eval[hf])") from None
+    known = TaskManager().all_tasks
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        close = sorted(k for k in known if unknown[0].split("_")[0] in k)[:3]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ParetoqError(f"unknown lm-eval task {unknown[0]!r}{hint}; pass task names that `lm-eval ls tasks` "
+                           f"lists, or 'demo'")
+
+
 def eval_plans(
     plans: list[str | Path] = (),
     uniform: list[int] = (),
@@ -72,12 +90,13 @@ def eval_plans(
             raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
     if not named and not uniform:
         raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
+    tasks = expand_tasks(list(lm_eval))
+    check_tasks(tasks)
     docs = read_documents(calib)
     sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
     named += [(f"uniform-{b}", Plan.uniform(sm.adapter, b)) for b in uniform]
     for _, plan in named:
         plan.validate(sm.adapter)  # every check before any work
-    tasks = expand_tasks(list(lm_eval))
     sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     parts = {"eval": sets.eval}
     report = EvalReport([])

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, save_file
+from safetensors.torch import load, load_file, save_file
 
 from paretoq.cache import atomic_write, cache_root, digest, model_fingerprint
 from paretoq.data import TokenSet
@@ -232,7 +232,7 @@ class DiskLogprobs:
     def __getitem__(self, rows: slice) -> torch.Tensor:
         start, stop, _ = rows.indices(self.num_windows)
         first, last = start // self.batch_size, (stop - 1) // self.batch_size
-        parts = [load(self.file(i).read_bytes())["logprobs"] for i in range(first, last + 1)]
+        parts = [load_file(str(self.file(i)))["logprobs"] for i in range(first, last + 1)]
         t = torch.cat(parts) if len(parts) > 1 else parts[0]
         offset = first * self.batch_size
         return t[start - offset : stop - offset]

@@ -20,6 +20,7 @@ from paretoq.quant.quantizer import BITS, QuantSettings, group_columns, GRIDS
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
 GRID_BITS_PER_GROUP = 32
+MIN_DAMP = 1e-4
 
 
 @dataclass
@@ -31,27 +32,47 @@ class Plan:
     metrics: dict = field(default_factory=dict)
 
     # -- arithmetic (needs the model's shapes) ------------------------------------------------
+    # ``over="model"`` (what eval, quantize, export and plan.json report): every component of the
+    # model, those the plan leaves out at the model's own width (``fp_bits``), so that a plan
+    # missing a component never looks smaller than it is. ``over="plan"``: the plan's components
+    # only, which is the budget of a search space that quantizes only some kinds (DESIGN.md).
     def components(self, adapter: Adapter) -> list[Component]:
         self.validate(adapter)
         return [adapter.component(k) for k in self.bits]
 
-    def avg_bits(self, adapter: Adapter) -> float:
-        """Average bits per weight over the plan's components, weighted by parameter count."""
+    def avg_bits(self, adapter: Adapter, over: str = "model") -> float:
+        """Average bits per weight, weighted by parameter count (see ``over`` above)."""
         comps = self.components(adapter)
-        total = sum(c.params for c in comps)
-        return sum(c.params * self.bits[c.key] for c in comps) / total if total else 0.0
+        quantized = sum(c.params * self.bits[c.key] for c in comps)
+        if over == "plan":
+            total = sum(c.params for c in comps)
+            return quantized / total if total else 0.0
+        rest = sum(c.params for c in adapter.components if c.key not in self.bits)
+        total = sum(c.params for c in adapter.components)
+        return (quantized + rest * fp_bits(adapter)) / total if total else 0.0
 
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
         return sum(component_bytes(c, self.bits[c.key], self.quant.group_size) for c in self.components(adapter))
 
-    def effective_bits(self, adapter: Adapter) -> float:
-        """Average bits per weight including scales and zeros."""
-        total = sum(c.params for c in self.components(adapter))
-        return 8 * self.size_bytes(adapter) / total if total else 0.0
+    def effective_bits(self, adapter: Adapter, over: str = "model") -> float:
+        """Average bits per weight including scales and zeros (components left out at ``fp_bits``)."""
+        planned = sum(c.params for c in self.components(adapter))
+        bits = 8 * self.size_bytes(adapter)
+        if over == "plan":
+            return bits / planned if planned else 0.0
+        total = sum(c.params for c in adapter.components)
+        return (bits + (total - planned) * fp_bits(adapter)) / total if total else 0.0
 
     # -- validation and files -----------------------------------------------------------------
     def validate(self, adapter: Adapter) -> None:
+        declared = self.model.get("model_type") if isinstance(self.model, dict) else None
+        actual = getattr(adapter.model.config, "model_type", None)
+        if declared and actual and declared != actual:
+            raise ParetoqError(
+                f"the plan is for a {declared!r} model but the model is {actual!r}; pass the plan's own model "
+                f"with --model, or a plan made for this one"
+            )
         unknown = [k for k in self.bits if not adapter.has(k)]
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
@@ -91,20 +112,41 @@ class Plan:
             if isinstance(b, bool) or not isinstance(b, int) or b not in BITS:
                 raise ParetoqError(f"{source} gives {key!r} {b!r} bits; each component takes one of {', '.join(map(str, BITS))}")
         q = d.get("quant") or {}
+        if not isinstance(q, dict):
+            raise ParetoqError(f"{source} has \"quant\" of type {type(q).__name__}; write an object such as "
+                               f"{{\"group_size\": 128, \"sym\": false}}")
         if q.get("method", "gptq") != "gptq":
             raise ParetoqError(f"{source} asks for quant method {q.get('method')!r}; paretoq quantizes with 'gptq'")
         defaults = QuantSettings()
-        quant = QuantSettings(
-            group_size=int(q.get("group_size", defaults.group_size)), sym=bool(q.get("sym", defaults.sym)),
-            act_order=bool(q.get("act_order", defaults.act_order)), damp=float(q.get("damp", defaults.damp)),
-            grid=str(q.get("grid", defaults.grid)),
-        )
-        if quant.grid not in GRIDS:
-            raise ParetoqError(f"{source} has grid {quant.grid!r}; pass one of {', '.join(GRIDS)}")
-        if quant.group_size != -1 and quant.group_size <= 0:
-            raise ParetoqError(f"{source} has group_size {quant.group_size}; pass a positive group size or -1")
-        return cls(bits=dict(bits), quant=quant, model=d.get("model") or {}, budget=d.get("budget"),
-                   metrics=d.get("metrics") or {})
+        group_size = q.get("group_size", defaults.group_size)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+            raise ParetoqError(f"{source} has group_size {group_size!r}; pass a positive integer (e.g. 128) or -1 "
+                               f"(per channel)")
+        damp = q.get("damp", defaults.damp)
+        # Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (MIN_DAMP <= damp <= 1):
+            raise ParetoqError(f"{source} has damp {damp!r}; pass a number from {MIN_DAMP:g} to 1, e.g. "
+                               f"{defaults.damp} (a fraction of the mean Hessian diagonal)")
+        for name in ("sym", "act_order"):
+            if not isinstance(q.get(name, False), bool):
+                raise ParetoqError(f"{source} has {name} {q[name]!r}; pass true or false")
+        grid = q.get("grid", defaults.grid)
+        if grid not in GRIDS:
+            raise ParetoqError(f"{source} has grid {grid!r}; pass one of {', '.join(GRIDS)}")
+        quant = QuantSettings(group_size=group_size, sym=q.get("sym", defaults.sym),
+                              act_order=q.get("act_order", defaults.act_order), damp=float(damp), grid=grid)
+        model = d.get("model") or {}
+        if not isinstance(model, dict) or not all(isinstance(model.get(k, ""), str) for k in ("name_or_path", "model_type")):
+            raise ParetoqError(f"{source} has a malformed \"model\"; write {{\"name_or_path\": \"...\", "
+                               f"\"model_type\": \"...\"}} or leave it out")
+        budget = d.get("budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+            raise ParetoqError(f"{source} has budget {budget!r}; write a number of bits or leave it out")
+        metrics = d.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            raise ParetoqError(f"{source} has \"metrics\" of type {type(metrics).__name__}; write an object or "
+                               f"leave it out")
+        return cls(bits=dict(bits), quant=quant, model=model, budget=budget, metrics=metrics)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -113,7 +155,7 @@ class Plan:
             raise ParetoqError(f"plan file {str(path)!r} does not exist; pass --plan a plan.json")
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             raise ParetoqError(f"{path} is not JSON ({exc}); pass a plan written by paretoq") from None
         return cls.from_dict(d, source=str(path))
 
@@ -121,6 +163,16 @@ class Plan:
     def uniform(cls, adapter: Adapter, bits: int, kinds: tuple[str, ...] = ("attn", "dense", "shared", "expert"),
                 **kwargs) -> Plan:
         return cls(bits={c.key: bits for c in adapter.components if c.kind in kinds}, **kwargs)
+
+
+def fp_bits(adapter: Adapter) -> int:
+    """The width of the model's own weights as stored (its config's dtype; 16 when it names none)."""
+    import torch
+
+    dtype = getattr(adapter.model.config, "dtype", None) or getattr(adapter.model.config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype.itemsize * 8 if isinstance(dtype, torch.dtype) else 16
 
 
 def component_bytes(c: Component, bits: int, group_size: int) -> int:

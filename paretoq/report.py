@@ -69,8 +69,9 @@ def plot_front(state, path) -> None:
     ax.scatter([p["avg_bits"] for p in f], [p["kl"] for p in f], s=22, color="#1b9e77", label="verified front", zorder=3)
     # Heuristics matched to one budget pile up at the same average bits: stack their labels.
     stack, last = 0, None
-    for b in sorted(fd["baselines"], key=lambda b: (round(b["avg_bits"], 1), b["kl"])):
-        ax.scatter(b["avg_bits"], b["kl"], marker="x", s=40, color="#d95f02", zorder=4)
+    for i, b in enumerate(sorted(fd["baselines"], key=lambda b: (round(b["avg_bits"], 1), b["kl"]))):
+        ax.scatter(b["avg_bits"], b["kl"], marker="x", s=40, color="#d95f02", zorder=4,
+                   label="baselines (seed heuristics, knapsack)" if i == 0 else None)
         stack = stack + 1 if last is not None and abs(b["avg_bits"] - last) < 0.1 else 0
         last = b["avg_bits"]
         ax.annotate(b["name"], (b["avg_bits"], b["kl"]), fontsize=7, xytext=(6, 3 + 9 * stack), textcoords="offset points",

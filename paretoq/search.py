@@ -333,10 +333,10 @@ def run_search(cfg: SearchConfig) -> SearchState:
         if not (math.isfinite(r.kl) and math.isfinite(r.ppl)):
             trial.set_user_attr("fail_reason", f"evaluation gave KL={r.kl}, perplexity={r.ppl}")
             raise NonFiniteEvaluation(f"trial {trial.number}: evaluation gave KL={r.kl}, perplexity={r.ppl}")
-        avg = plan.avg_bits(loaded.adapter)
+        avg = plan.avg_bits(loaded.adapter, over="plan")  # the budget is over the space's components
         trial.set_constraint("budget", avg - cfg.budget)
         source = trial.user_attrs.get("source") or ("random" if cfg.mode == "random" else "nsga2")
-        attrs = {"source": source, "avg_bits": avg, "effective_bits": plan.effective_bits(loaded.adapter),
+        attrs = {"source": source, "avg_bits": avg, "effective_bits": plan.effective_bits(loaded.adapter, over="plan"),
                  "size_bytes": plan.size_bytes(loaded.adapter), "kl": r.kl, "ppl": r.ppl, "agreement": r.agreement,
                  "feasible": avg <= cfg.budget + 1e-9}
         if "predicted_kl" not in trial.user_attrs:

@@ -31,6 +31,7 @@ from torch import nn
 from paretoq.errors import ParetoqError
 from paretoq.models.adapter import expert_bias_views, get_adapter
 from paretoq.models.loading import DEMO, DTYPES, LoadedModel, load_tokenizer, read_config, resolve_model_dir
+from paretoq.models.files import check_weight_files
 from paretoq.models.shards import ShardReader
 
 # Without --max-memory a model is kept resident when its weights take at most this share of the
@@ -375,6 +376,7 @@ def open_model(name_or_path: str | Path = "demo", dtype: str | torch.dtype | Non
     device = resolve_device(device)
     path = resolve_model_dir(name_or_path)
     config = read_config(path, trust_remote_code)
+    check_weight_files(path)  # missing or truncated shards: one line now, not after hours
     if dtype in (None, "auto") and str(name_or_path) == DEMO:
         dtype = torch.float32  # the bundled demo (11M parameters) keeps computing as its studies were recorded
     dtype = resolve_dtype(dtype, config)

@@ -77,3 +77,30 @@ def test_console_script_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "paretoq.cli", "info", "--model", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("paretoq: error:")
+
+
+@pytest.mark.parametrize("argv, phrases", [
+    (["search", "--budget", "abc"], ["--budget", "'abc'", "between 2 and 8"]),
+    (["info", "--budget", "nan"], ["--budget", "nan", "between 2 and 8"]),
+    (["search", "--seed", "x"], ["--seed", "'x'", "integer"]),
+    (["search", "--trials", "0"], ["--trials", "at least 1"]),
+    (["search", "--bits", "2,5"], ["--bits", "'5'", "2,3,4,8"]),
+    (["quantize", "--out", "q", "--uniform", "x"], ["--uniform", "2, 3, 4, 8"]),
+    (["dashboard", "--port", "65536"], ["--port", "1 to 65535"]),
+    (["export", "--plan", "p.json", "--format", "nosuch"], ["--format", "'nosuch'", "gptqmodel"]),
+    (["quantize"], ["required", "--out"]),
+])
+def test_argument_errors_are_one_line_naming_option_value_and_accepted(capsys, argv, phrases):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("paretoq: error: argument") or "required" in err, err
+    assert "usage:" not in err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def test_parsed_values_are_typed(capsys):
+    from paretoq.cli import build_parser
+
+    args = build_parser().parse_args(["search", "--bits", "4, 2,4", "--budget", "2.5", "--quiet"])
+    assert args.bits == (2, 4) and args.budget == 2.5 and args.quiet

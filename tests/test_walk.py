@@ -165,3 +165,27 @@ def test_too_little_disk_for_the_caches_is_refused_before_the_walk(tiny_search_m
     msg = _one_line_error(capsys, ["eval", "--model", str(tiny_search_model_dir), "--uniform", "4"])
     assert "PARETOQ_CACHE" in msg
     assert not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["quant", "captures", "reference"])
+def test_an_entry_damaged_in_place_is_detected_and_recomputed(tiny_search_model_dir, tmp_path, monkeypatch, capsys,
+                                                             kind):
+    monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / "cache"))
+    calib, evals = TokenSet(_ids(128, 4, 32, 1), "c"), TokenSet(_ids(128, 3, 32, 2), "e")
+    settings = QuantSettings(group_size=32)
+
+    def run():
+        return prepare(open_model(tiny_search_model_dir, max_memory=0), calib, {"eval": evals}, settings, (3,),
+                       progress=False)
+
+    first = run()
+    victim = max((tmp_path / "cache" / kind).rglob("*.safetensors"), key=lambda f: f.stat().st_size)
+    blob = bytearray(victim.read_bytes())
+    blob[-3] ^= 0xFF  # same size, one tensor byte flipped
+    victim.write_bytes(bytes(blob))
+    capsys.readouterr()
+    second = run()
+    assert second.walked and "is damaged" in capsys.readouterr().err
+    key = next(c.key for c in first.sm.adapter.components)
+    assert torch.equal(first.cache.get(key, 3).codes, second.cache.get(key, 3).codes)
+    assert second.references["eval"].nll == first.references["eval"].nll

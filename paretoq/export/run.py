@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from paretoq.cache import atomic_write_text
+from paretoq.cache import atomic_write_text, check_writable_dir
 from paretoq.errors import ParetoqError
 from paretoq.export import exl3, flat, gptqmodel, llamacpp, llmcompressor
 from paretoq.export.collapse import Collapsed, collapse
@@ -39,6 +39,8 @@ def export(plan: str | Path | Plan, format: str, out: str | Path | None = None, 
     plan_path = None if isinstance(plan, Plan) else Path(plan)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan_path)
     options = {"ggml_types": llamacpp.parse_types(ggml_types)} if ggml_types else {}
+    out = Path(out) if out else (plan_path.parent if plan_path else Path("export")) / f"export-{target.name}"
+    check_writable_dir(out)
     model = model or plan.model.get("name_or_path")
     if not model:
         raise ParetoqError("the plan names no model (\"model\": {\"name_or_path\": ...}); pass --model")
@@ -52,7 +54,6 @@ def export(plan: str | Path | Plan, format: str, out: str | Path | None = None, 
     check_servable(plan, loaded.adapter, target)
     ctx = Context(plan, loaded.adapter, target, loaded.model.config.model_type, str(loaded.path), options)
     result = FORMATS[target.format](ctx)
-    out = Path(out) if out else (plan_path.parent if plan_path else Path("export")) / f"export-{target.name}"
     for name, text in result.files.items():
         atomic_write_text(out / name, text)
     files = [out / name for name in result.files]

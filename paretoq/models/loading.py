@@ -11,6 +11,7 @@ import transformers
 
 from paretoq.errors import ParetoqError
 from paretoq.models.adapter import ADAPTERS, Adapter, get_adapter, supported_model_types
+from paretoq.models.files import check_weight_files
 
 DEMO = "demo"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -103,7 +104,8 @@ def load_model(
         dtype = DTYPES[dtype]
     path = resolve_model_dir(name_or_path)
     config = read_config(path, trust_remote_code)
-    if weights:
+    if weights:  # after the config, so an unsupported model is named as such first
+        check_weight_files(path)
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, experts_implementation="eager",
             local_files_only=True, trust_remote_code=trust_remote_code,

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from paretoq.cache import atomic_write, atomic_write_text, cache_root, digest
+from paretoq.cache import (atomic_write, atomic_write_text, cache_root, check_writable_dir, digest, load_entry,
+                           read_checked_json, write_checked_json)
 from paretoq.calibrate import prepare
 from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
@@ -52,6 +53,7 @@ def probe(
     """
     started = time.time()
     docs = read_documents(calib)  # a bad text file fails before minutes of model loading
+    check_writable_dir(Path(out))
     sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
     sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     prep = prepare(sm, sets.calib, {}, seed=seed, block_samples=block_samples, batch_size=batch_size, alpha=alpha,
@@ -75,12 +77,13 @@ def features_cache_path(cap_key: str, alpha: float, seed: int) -> Path:
 def cached_features(loaded, cap, cap_key: str, alpha: float = ALPHA, seed: int = 0, use_cache: bool = True) -> Features:
     """The probe features of a capture, from the cache or computed (and cached)."""
     path = features_cache_path(cap_key, alpha, seed)
-    if use_cache and path.is_file():
-        return Features.from_dict(json.loads(path.read_text()))
+    raw = load_entry(path, read_checked_json, "features") if use_cache else None
+    if raw is not None:
+        return Features.from_dict(raw)
     features = compute_features(loaded.adapter, cap, alpha=alpha, seed=seed)
     features.meta.update(model=str(loaded.name_or_path), model_type=loaded.model.config.model_type)
     if use_cache:
-        atomic_write_text(path, json.dumps(features.to_dict()))
+        write_checked_json(path, features.to_dict())
     return features
 
 

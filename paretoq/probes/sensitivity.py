@@ -4,13 +4,11 @@ full precision), on a subset of the eval windows. The knapsack baseline and the 
 
 from __future__ import annotations
 
-import json
-
 from tqdm import tqdm
 
-from paretoq.cache import atomic_write_text, cache_root, digest
 from collections.abc import Callable
 
+from paretoq.cache import cache_root, digest, load_entry, read_checked_json, write_checked_json
 from paretoq.space import Group
 
 
@@ -21,13 +19,13 @@ def measure_sensitivity(evaluate_kl: Callable[[dict[str, int]], float], groups: 
     ``evaluate_kl(bits)`` measures a plan (component key -> bits, the rest in full precision)."""
     path = cache_root() / "sensitivity" / f"{digest('sensitivity', cache_key, [g.name for g in groups])}.json" \
         if cache_key else None
-    if path is not None and path.is_file():
-        raw = json.loads(path.read_text())
+    raw = load_entry(path, read_checked_json, "sensitivity") if path is not None else None
+    if raw is not None:
         return {g: {int(b): v for b, v in d.items()} for g, d in raw.items()}
     out: dict[str, dict[int, float]] = {}
     jobs = [(g, b) for g in groups for b in g.choices]
     for g, b in tqdm(jobs, desc="sensitivity", unit="eval", disable=not progress):
         out.setdefault(g.name, {})[b] = evaluate_kl({k: b for k in g.keys})
     if path is not None:
-        atomic_write_text(path, json.dumps(out))
+        write_checked_json(path, out)
     return out

@@ -17,25 +17,19 @@ codes, not by the model. GPTQ's losses are read from the entries' headers alone.
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save_file
 from tqdm import tqdm
 
-from paretoq.cache import atomic_write, cache_root, digest
+from paretoq.cache import cache_root, digest, load_checked_entry, load_entry, save_checked_tensors
 from paretoq.capture import Capture
 from paretoq.models import Adapter
 from paretoq.quant.apply import quantize_components
 from paretoq.quant.pack import pack, unpack
 from paretoq.quant.quantizer import BITS, QuantizedTensor, QuantSettings
-
-
-def _metadata(blob: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors blob (an 8-byte little-endian header length, then JSON)."""
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]).get("__metadata__", {})
 
 
 # Bytes of entries held in memory (codes unpacked to one byte a weight, plus scales and zeros): a
@@ -73,19 +67,25 @@ class QuantCache:
         for layer, b in tqdm(todo, desc="quant cache", unit="entry", disable=not progress):
             self._entry(layer, b)
 
-    def has(self, layer: int, bits: int) -> bool:
-        """Whether the entry is on disk and its header reads (its tensors are checked when loaded)."""
+    def has(self, layer: int, bits: int, verify: bool = False) -> bool:
+        """Whether the entry is on disk and its header reads; ``verify`` also checks its data against
+        its checksum (a damaged entry is deleted, said in one line, and counts as missing)."""
         path = self.path(layer, bits)
         if not path.is_file():
             return False
+        if verify:
+            return load_entry(path, load_checked_entry, "quant") is not None
         try:
             self._read_losses(path, bits)
             return True
         except Exception:
             return False
 
-    def missing(self, bits: tuple[int, ...]) -> list[tuple[int, int]]:
-        return [(layer, b) for layer in self._layers for b in bits if not self.has(layer, b)]
+    def missing(self, bits: tuple[int, ...], verify: bool = True) -> list[tuple[int, int]]:
+        """The (layer, width) entries absent or damaged. Verifying reads every entry once (at disk
+        speed: the packed cache is ``sum(bits)/8`` bytes a weight), so a damaged one is recomputed
+        by the walk instead of failing a trial later."""
+        return [(layer, b) for layer in self._layers for b in bits if not self.has(layer, b, verify)]
 
     def load_losses(self, bits: tuple[int, ...]) -> None:
         """GPTQ's loss of every component at each width into ``loss``, from the entries' headers."""
@@ -104,8 +104,7 @@ class QuantCache:
             meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
                          "in": int(t.codes.shape[-1]),
                          "tokens": q.tokens.get(key, 0)}
-        path = self.path(layer, bits)
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"index": json.dumps(meta)}))
+        save_checked_tensors(self.path(layer, bits), tensors, metadata={"index": json.dumps(meta)})
         self.computed += 1
         self._note(meta, bits)
 
@@ -131,7 +130,10 @@ class QuantCache:
         if path.is_file():
             try:
                 entry = self._read(path, bits)
-            except Exception:  # truncated or corrupt: quantize again and overwrite
+            except Exception as exc:  # truncated or corrupt: quantize again and overwrite
+                print(f"paretoq: warning: quant cache entry {path} is damaged ({exc}); recomputing it",
+                      file=sys.stderr)
+                path.unlink(missing_ok=True)
                 entry = None
         if entry is None:
             if self.capture is None:
@@ -157,9 +159,8 @@ class QuantCache:
         self._note(json.loads(header["__metadata__"]["index"]), bits)
 
     def _read(self, path: Path, bits: int) -> dict[str, QuantizedTensor]:
-        blob = Path(path).read_bytes()  # bytes, not a memory map: a damaged file raises instead of faulting
-        tensors = load(blob)
-        meta = json.loads(_metadata(blob)["index"])
+        tensors, metadata = load_checked_entry(path)  # a damaged entry raises CorruptEntry
+        meta = json.loads(metadata["index"])
         entry = {}
         for key, m in meta.items():
             codes = unpack(tensors[f"{key}/codes"], bits, m["in"])

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from paretoq.cache import atomic_directory
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, LoadedModel, get_adapter, load_tokenizer
+from paretoq.models.files import safetensors_data_end
 from paretoq.plan import Plan
 from paretoq.quant.pack import pack, unpack
 from paretoq.quant.quantizer import QuantizedTensor
@@ -136,15 +137,33 @@ def read_quantized(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = Path(path)
     if not (path / "quantization.json").is_file():
         raise ParetoqError(f"{path} is not a paretoq checkpoint (no quantization.json); make one with `paretoq quantize`")
-    index = json.loads((path / "quantization.json").read_text())
-    if index.get("format") != CHECKPOINT_FORMAT:
-        raise ParetoqError(f"{path} has checkpoint format {index.get('format')!r}; this paretoq reads {CHECKPOINT_FORMAT}")
+    redo = "make it again with `paretoq quantize`"
+    try:
+        index = json.loads((path / "quantization.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ParetoqError(f"{path / 'quantization.json'} is truncated or not JSON; {redo}") from None
+    if not isinstance(index, dict) or index.get("format") != CHECKPOINT_FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise ParetoqError(f"{path} has checkpoint format {found!r}; this paretoq reads {CHECKPOINT_FORMAT}")
+    if not isinstance(index.get("components"), dict):
+        raise ParetoqError(f"{path / 'quantization.json'} has no \"components\" object; {redo}")
     shards = path / "model.safetensors.index.json"
-    if not shards.is_file():
-        return index, load_file(str(path / "model.safetensors"))
+    if shards.is_file():  # written by `paretoq quantize`, one shard per layer
+        try:
+            files = sorted(set(json.loads(shards.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise ParetoqError(f"{shards} is truncated or malformed; {redo}") from None
+    else:
+        files = ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
-    for name in sorted(set(json.loads(shards.read_text())["weight_map"].values())):
-        state.update(load_file(str(path / name)))
+    for name in files:
+        weights = path / name
+        if not weights.is_file():
+            raise ParetoqError(f"{path} has no {name}; {redo}")
+        end, size = safetensors_data_end(weights, redo), weights.stat().st_size
+        if size < end:
+            raise ParetoqError(f"{weights} is truncated ({size:,} of {end:,} bytes); {redo}")
+        state.update(load_file(str(weights)))
     return index, state
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from paretoq.cache import atomic_directory
+from paretoq.cache import atomic_directory, check_writable_dir
 from paretoq.capture import DEFAULT_BATCH_SIZE, Capture, _Recorder, capture
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
@@ -121,8 +121,9 @@ def quantize(
         raise ParetoqError(f"--uniform {uniform} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
     the_plan = Plan.load(plan) if plan is not None else None
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
+    check_writable_dir(out)  # before minutes of GPTQ, not after
     docs = read_documents(calib)
     sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
     if the_plan is None:

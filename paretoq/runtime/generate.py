@@ -41,7 +41,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: in
 
     device = input_ids.device
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(input_ids, cache=cache, use_cache=True).logits[:, -1]
     tokens: list[int] = []
     _sync(device)
     start = time.perf_counter()
@@ -50,7 +50,7 @@ def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: in
         tokens.append(int(nxt))
         if eos_token_id is not None and tokens[-1] == eos_token_id:
             break
-        logits = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(nxt, cache=cache, use_cache=True).logits[:, -1]
     _sync(device)
     return tokens, time.perf_counter() - start
 
