@@ -87,7 +87,12 @@ def read_reference(directory: Path, input_ids: torch.Tensor) -> Reference | None
         if not torch.equal(head["input_ids"], input_ids):
             return None
         return Reference(input_ids, meta["nll"], head["argmax"], logprobs)
-    except Exception:  # missing, truncated or from another version: computed again
+    except CorruptEntry as exc:
+        print(f"paretoq: warning: reference cache entry {directory} is damaged ({exc}); recomputing it",
+              file=sys.stderr)
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    except Exception:  # missing, or from another version: computed again
         return None
 
 
