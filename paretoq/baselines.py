@@ -31,6 +31,7 @@ from paretoq.probes.features import Features
 from paretoq.space import Group, avg_bits
 
 LOW, HIGH = 2, 4  # QuantMoE-Bench's two widths
+KNAPSACK_SECONDS = 60.0  # HiGHS time limit for the knapsack baseline (paretoq.knapsack.solve; the DP path needs none)
 MOEPTQ_SEEDS = (0, 1, 2)
 
 
@@ -119,7 +120,7 @@ def knapsack(groups: list[Group], sensitivity: dict[str, dict[int, float]], budg
     pad = [list(g.choices) + [g.choices[-1]] * (C - len(g.choices)) for g in groups]
     cost = np.array([[sensitivity[g.name][b] for b in row] for g, row in zip(groups, pad)])
     genome = mckp.solve(cost, np.array(pad, float), np.array([g.params for g in groups], float),
-                        np.array([len(g.choices) for g in groups]), budget)
+                        np.array([len(g.choices) for g in groups]), budget, time_limit=KNAPSACK_SECONDS)
     if genome is None:
         return {g.name: min(g.choices) for g in groups}
     return {g.name: g.choices[int(i)] for g, i in zip(groups, genome)}

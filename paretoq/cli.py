@@ -100,7 +100,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None, mode=args.mode, calib_tokens=args.calib_tokens,
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
-        progress=not args.worker, target=args.target,
+        progress=not args.worker, target=args.target, sensitivity=args.sensitivity,
     ))
     if args.worker:
         return 130 if state.interrupted else 0
@@ -112,7 +112,8 @@ def cmd_search(args: argparse.Namespace) -> int:
               "Run the same command again to resume.", file=sys.stderr)
     if state.plan is not None:
         m = state.plan.metrics
-        print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
+        test = f", held-out KL {m['kl_test']:.4g}" if m.get("kl_test") is not None else ""
+        print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}{test}, perplexity {m['ppl']:.3f} "
               f"(fp {m['ppl_fp']:.3f}), trial {m['trial']} ({m['source']})")
     else:
         print(f"no verified plan within {args.budget:g} bits yet; run more --trials")
@@ -255,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="study name (default: <model>-<budget>bit)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/paretoq.db)")
     p.add_argument("--out", help="output directory (default: studies/<study>)")
-    p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
-                   help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
+    p.add_argument("--mode", default="surrogate", choices=["surrogate", "local", "nsga2", "random"],
+                   help="surrogate-assisted search (default), local exchanges ranked by the sensitivities alone, "
+                        "plain NSGA-II, or random search")
+    p.add_argument("--sensitivity", default="unit", choices=["unit", "group"],
+                   help="measured sensitivity: per layer and kind, shared by GPTQ error (default; cost independent "
+                        "of the group count), or each group alone (groups x widths evaluations)")
     p.add_argument("--jobs", type=int, default=1,
                    help="worker processes on this machine, all verifying trials of one study (default 1)")
     p.add_argument("--heartbeat", type=int, default=HEARTBEAT_SECONDS, metavar="SECONDS",

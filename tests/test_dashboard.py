@@ -250,13 +250,15 @@ def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name="s", storage=url, directions=["minimize", "minimize"])
     pub = dashboard.Publisher(study, url, tmp_path / "out", adapter=None, budget=3.0, model={"name_or_path": "x"},
-                              fp_ppl=10.0, baselines={"uniform-2": {"g": 0}, "same-as-uniform-2": {"g": 0}})
+                              fp_ppl=10.0, baselines={"uniform-2": "0", "same-as-uniform-2": "0"})
     assert dashboard.read_last_used() == {"storage": url, "study": "s"}
     points = {0: (0.5, 2.0), 1: (0.1, 4.0), 2: (0.6, 3.0), 3: (0.05, 8.0)}  # trial 2 is dominated by trial 0
 
     def objective(trial):
-        g = trial.suggest_int("g", 0, 3)
+        g = int(trial.user_attrs["genome"])  # a plan is one genome attribute (search.py)
         kl, bits = points[g]
+        # the search writes the constraint, once, in the list form both Optuna and the dashboard read
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [bits - 3.0])
         for k, v in {"kl": kl, "avg_bits": bits, "ppl": 11.0, "agreement": 0.9, "source": "nsga2",
                      "feasible": bits <= 3.0}.items():
             trial.set_user_attr(k, v)
@@ -264,7 +266,7 @@ def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
         return kl, bits
 
     for g in points:
-        study.enqueue_trial({"g": g})
+        study.enqueue_trial({}, user_attrs={"genome": str(g)})
     study.optimize(objective, n_trials=4)
     pub.on_round()
     with_plans = {t.number for t in study.trials if optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}
