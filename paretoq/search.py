@@ -329,9 +329,11 @@ def _genomes(done) -> np.ndarray:
     return np.array([decode_genome(t.user_attrs["genome"]) for t in done])
 
 
-def _round(cfg: SearchConfig, tables: Tables, done, n: int, rng: np.random.Generator) -> list[tuple[np.ndarray, dict]]:
+def _round(cfg: SearchConfig, tables: Tables, done, n: int,
+           rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, dict]], Surrogate]:
     """One round's plans to verify, each with its user attrs: the surrogate's (or, in mode
-    ``local``, the sensitivities') proposals first, then NSGA-II's children of the verified plans."""
+    ``local``, the sensitivities') proposals first, then NSGA-II's children of the verified plans;
+    and the round's global fit (it predicts ``predicted_kl`` for plans that were not proposed)."""
     G = len(tables.groups)
     genomes = _genomes(done) if done else np.zeros((0, G), dtype=np.int64)
     kls = np.array([t.values[0] for t in done])
@@ -368,7 +370,7 @@ def _round(cfg: SearchConfig, tables: Tables, done, n: int, rng: np.random.Gener
                 seen.add(child.tobytes())
                 out.append((child, {"source": "nsga2", "predicted_kl": float(surrogate.predict(child)[0])}))
                 rest -= 1
-    return out
+    return out, surrogate
 
 
 def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, space_name: str | None = None,
@@ -502,9 +504,7 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
                 published = n_done
             if cfg.mode != "random" and not any(t.state == WAITING for t in trials):
                 done = [t for t in trials if t.state == COMPLETE]
-                plans = _round(cfg, tables, done, min(cfg.round_size, cfg.trials - n_done), rng)
-                if cfg.mode == "surrogate" and len(done) >= 8:
-                    fitted["model"] = Surrogate(tables).fit(_genomes(done), np.array([t.values[0] for t in done]))
+                plans, fitted["model"] = _round(cfg, tables, done, min(cfg.round_size, cfg.trials - n_done), rng)
                 for genome, attrs in plans:
                     study.enqueue_trial({}, user_attrs={**attrs, "genome": encode_genome(genome),
                                                         "round": f"{worker}/{round_no}"})
