@@ -118,7 +118,10 @@ def test_the_study_reads_back_through_the_dashboard_api(searched):
         for n, t in trials.items():  # the dashboard reads only list-format constraints
             assert (t["constraints"][0] <= 0) == (attrs[n]["feasible"] == "True")
         graphs = {g["id"]: g["graph_object"] for g in study["plotly_graph_objects"]}
-        assert set(graphs) == {"paretoq-front", "paretoq-hypervolume", "paretoq-surrogate"}
+        assert set(graphs) == {"paretoq-front", "paretoq-hypervolume", "paretoq-surrogate", "paretoq-bits"}
+        # the best plan as mean bits per layer and kind (a plan is one genome attribute, no parameter columns)
+        heat = json.loads(graphs["paretoq-bits"])["data"][0]
+        assert heat["type"] == "heatmap" and set(heat["y"]) >= {"attn", "expert", "shared"}
         labels = {a["text"] for a in json.loads(graphs["paretoq-front"])["layout"]["annotations"]}
         assert {b["name"] for b in front["baselines"]} <= {n for label in labels for n in label.split("<br>")}
         artifacts = {a["filename"]: a for a in study["artifacts"]}
