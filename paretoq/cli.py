@@ -195,7 +195,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens, seq_len=args.seq_len, jobs=args.jobs, device=args.device,
         dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
-        progress=not (args.worker or args.quiet), target=args.target,
+        progress=not (args.worker or args.quiet), target=args.target, sensitivity=args.sensitivity,
     ))
     if args.worker:
         return 130 if state.interrupted else 0
@@ -216,7 +216,8 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"pass --trials above {len(queued)} (e.g. {len(queued) + 40})", file=sys.stderr)
     if state.plan is not None:
         m = state.plan.metrics
-        print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}, perplexity {m['ppl']:.3f} "
+        test = f", held-out KL {m['kl_test']:.4g}" if m.get("kl_test") is not None else ""
+        print(f"best plan within {args.budget:g} bits: KL {m['kl']:.4g}{test}, perplexity {m['ppl']:.3f} "
               f"(fp {m['ppl_fp']:.3f}), trial {m['trial']} ({m['source']})")
         print(f"wrote {state.out}/plan.json, front.json, front.png, report.md")
     else:
@@ -396,8 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", help="study name (default: <model>-<budget>bit)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///studies/paretoq.db)")
     p.add_argument("--out", help="output directory (default: studies/<study>)")
-    p.add_argument("--mode", default="surrogate", choices=["surrogate", "nsga2", "random"],
-                   help="surrogate-assisted NSGA-II (default), plain NSGA-II, or random search")
+    p.add_argument("--mode", default="surrogate", choices=["surrogate", "local", "nsga2", "random"],
+                   help="surrogate-assisted search (default), local exchanges ranked by the sensitivities alone, "
+                        "plain NSGA-II, or random search")
+    p.add_argument("--sensitivity", default="unit", choices=["unit", "group"],
+                   help="measured sensitivity: per layer and kind, shared by GPTQ error (default; cost independent "
+                        "of the group count), or each group alone (groups x widths evaluations)")
     p.add_argument("--jobs", type=integer(1), default=1,
                    help="worker processes on this machine, all verifying trials of one study (default 1)")
     p.add_argument("--heartbeat", type=integer(1), default=HEARTBEAT_SECONDS, metavar="SECONDS",

@@ -2,20 +2,20 @@
 
 While a search runs, a :class:`Publisher` writes into the study what optuna-dashboard 0.21 shows:
 
-- per trial (while it runs; Optuna refuses to change a finished trial): the list-format
-  ``constraints`` system attribute, the only one the dashboard reads (it ignores
-  ``trial.set_constraint``), so that its Pareto-front view greys out plans over the budget; a
+- per trial (while it runs; Optuna refuses to change a finished trial): a
   ``baselines`` user attribute naming every baseline with this trial's bits; and ``plan.json`` as an
   artifact when the trial is on the verified front at the moment it finishes. A trial on the final
   front was on the front of every earlier moment, so every final front trial has one;
-- after each round: three plotly figures (the verified front with every baseline labelled, the
-  hypervolume history, the surrogate's predicted vs measured KL) and the study note (the best plan
+- after each round: four plotly figures (the verified front with every baseline labelled, the
+  hypervolume history, the surrogate's predicted vs measured KL, the best plan's bits by layer and
+  kind: a plan is one ``genome`` attribute, not thousands of parameter columns) and the study note (the best plan
   per budget, the baselines table);
 - at the end: ``front.png``, ``probes.png`` and ``report.md`` as study artifacts.
 
 Artifacts live in Optuna's ``FileSystemArtifactStore`` under ``<out>/artifacts``. Figures and the note
 need the ``dashboard`` extra (optuna-dashboard, plotly); without it they are skipped, the rest is
-Optuna's own.
+Optuna's own. The budget constraint is written by the search itself, once per trial, in the list
+form the dashboard's Pareto-front view reads to grey out plans over the budget.
 """
 
 from __future__ import annotations
@@ -90,9 +90,10 @@ class Publisher:
     """Writes what optuna-dashboard shows of a study while `paretoq search` runs (see the module docstring)."""
 
     def __init__(self, study: optuna.Study, storage: str, out: Path, adapter, budget: float, model: dict,
-                 fp_ppl: float, baselines: dict[str, dict[str, int]]):
+                 fp_ppl: float, baselines: dict[str, str], groups=None):
         self.study, self.adapter, self.budget, self.model, self.fp_ppl = study, adapter, budget, model, fp_ppl
-        self.baseline_params = baselines  # baseline name -> the trial params it was enqueued with
+        self.baseline_genomes = baselines  # baseline name -> the genome it was enqueued with
+        self.groups = groups
         self.out = Path(out)
         self.artifact_dir = (self.out / "artifacts").resolve()
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
@@ -105,8 +106,8 @@ class Publisher:
         """Baseline name -> number of the first completed trial with its bits (several names may share one)."""
         done = _completed(self.study)
         names = {}
-        for name, params in self.baseline_params.items():
-            match = next((t for t in done if t.params == params), None)
+        for name, genome in self.baseline_genomes.items():
+            match = next((t for t in done if t.user_attrs.get("genome") == genome), None)
             if match is not None:
                 names[name] = match.number
         return names
@@ -114,8 +115,7 @@ class Publisher:
     def on_trial(self, trial: optuna.Trial, plan: Plan) -> None:
         """Call at the end of the objective, after the trial's user attributes are set."""
         a = trial.user_attrs
-        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [a["avg_bits"] - self.budget])
-        names = [n for n, p in self.baseline_params.items() if p == trial.params]
+        names = [n for n, g in self.baseline_genomes.items() if g == a.get("genome")]
         if names:
             trial.set_user_attr("baselines", ", ".join(names))
         if _dominated((a["kl"], a["avg_bits"]), _completed(self.study)):
@@ -137,11 +137,35 @@ class Publisher:
 
         summary = report.study_front(self.study, self.baseline_trials(), self.budget)
         figures = {"paretoq-front": front_figure(done, summary), "paretoq-hypervolume": hypervolume_figure(self.study, done),
-                   "paretoq-surrogate": surrogate_figure(done)}
+                   "paretoq-surrogate": surrogate_figure(done), "paretoq-bits": self.bits_figure(done)}
         for graph_id, fig in figures.items():
             if fig is not None:
                 save_plotly_graph_object(self.study, fig, graph_object_id=graph_id)
         save_note(self.study, study_note(self.study, done, summary))
+
+    def bits_figure(self, done):
+        """The best plan within the budget as a heatmap of mean bits per layer and kind."""
+        best = min((t for t in done if t.user_attrs.get("feasible")), key=lambda t: t.values[0], default=None)
+        if best is None or self.groups is None or "genome" not in best.user_attrs:
+            return None
+        import plotly.graph_objects as go
+
+        from paretoq.space import decode_genome
+
+        genome = decode_genome(best.user_attrs["genome"])
+        layers = sorted({g.layer for g in self.groups})
+        kinds = sorted({g.kind for g in self.groups})
+        num, den = np.zeros((len(kinds), len(layers))), np.zeros((len(kinds), len(layers)))
+        for g, i in zip(self.groups, genome):
+            r, c = kinds.index(g.kind), layers.index(g.layer)
+            num[r, c] += g.params * g.choices[int(i)]
+            den[r, c] += g.params
+        z = np.where(den > 0, num / np.maximum(den, 1), np.nan)
+        fig = go.Figure(go.Heatmap(z=z, x=layers, y=kinds, colorscale="Viridis", zmin=2, zmax=8,
+                                   colorbar={"title": "bits"}, hovertemplate="layer %{x}, %{y}: %{z:.2f} bits<extra></extra>"))
+        fig.update_layout(title=f"Best plan (trial {best.number}): mean bits by layer and kind", xaxis_title="layer",
+                          yaxis_title="kind", **{k: v for k, v in LAYOUT.items() if k != "legend"})
+        return fig
 
     def on_finish(self, features) -> None:
         """Call after ``report.write_outputs``: the final figures and note; its outputs as study artifacts."""
@@ -150,7 +174,7 @@ class Publisher:
         self.on_round()
         self.put_study_artifact(self.out / "front.png")
         self.put_study_artifact(self.out / "report.md")
-        if "probes.png" not in self._study_artifacts():  # the probes do not change within a study
+        if features is not None and "probes.png" not in self._study_artifacts():  # the probes do not change within a study
             with tempfile.TemporaryDirectory() as tmp:
                 plot_features(features, Path(tmp) / "probes.png")
                 self.put_study_artifact(Path(tmp) / "probes.png")

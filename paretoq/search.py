@@ -1,13 +1,27 @@
-"""`paretoq search`: the Optuna study and its verify loop.
+"""`paretoq search`: the Optuna study and its verify loop, in stages.
 
-Setup (each step cached on disk): capture, probe features, the quant cache at every width, the
-full-precision reference, and the measured sensitivity of every group. Then an Optuna study with
-two objectives (KL, average bits), both minimised, the budget as a constraint and NSGA-II passed
-explicitly. The seed papers' baselines and the knapsack are enqueued first, tagged. Then rounds:
-refit the surrogate on every verified trial; enqueue the plans one exchange away from the best
-verified plan that a fit weighted towards it predicts best (a trust region: the local proposals),
-and the best plans NSGA-II finds on the global fit, spread along the front (the global proposals);
-let Optuna's own NSGA-II propose the rest of the round (exploration). Every trial is a real evaluation of a plan assembled from the quant cache.
+1. ``_check``: the space, the groups and the budget, from shapes alone (no weight is read).
+2. ``_prepare``: everything that touches the model (capture, probe features, the quant cache at
+   every width, the evaluator with its fp references). It is the one place that builds them; the
+   rest of the search uses only the ``Prepared`` it returns, so the streamed layer walk can
+   replace its inside.
+3. ``search``: measured sensitivities (``probes/sensitivity.py``, O(layers x kinds x widths)
+   evaluations by default), the baselines (the seed papers' heuristics and the exact knapsack over
+   the sensitivities), then the study: two objectives (KL, average bits), both minimised, the
+   budget as a constraint. Rounds: refit the surrogate on every verified trial; enqueue the plans
+   one exchange away from the best verified plan that a fit weighted towards it predicts best (a
+   trust region: the local proposals), the surrogate's exact optima under the budget and below it
+   (the global proposals: it is additive, so this is an exact knapsack), and children bred by
+   NSGA-II from the verified plans (exploration). Every trial is a real evaluation of a plan
+   assembled from the quant cache, on the selection windows.
+4. ``_held_out``: the best plan, every front point and every baseline re-measured on the held-out
+   windows the search never used (the last third of the eval windows); claims are made on those.
+
+A trial's plan is one ``genome`` user attribute (a digit per group), never one Optuna parameter per
+group: storing per-group parameters cost 1.2 s/trial at 64 groups and 30-40 s at 1,500 (measured),
+and real models have thousands. Every plan is enqueued with its genome (Optuna keeps the queue,
+the objectives, the constraint, heartbeats and retries), so the study's sampler samples nothing;
+NSGA-II's selection and variation run in ``paretoq/nsga.py`` on the verified plans.
 """
 
 from __future__ import annotations
@@ -38,18 +52,22 @@ from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.targets import target_space
-from paretoq.models import load_model
+from paretoq.models import Adapter, load_model
+from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
+from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq.quant.quantizer import QuantSettings
 from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
-from paretoq.space import Group, component_bits, load_space, make_groups, min_max_bits, restrict_bits
-from paretoq.surrogate import Surrogate, build_tables, kendall_tau
+from paretoq.space import (Group, SearchSpace, component_bits, decode_genome, encode_genome, load_space, make_groups,
+                           min_max_bits, restrict_bits)
+from paretoq.surrogate import Surrogate, Tables, build_tables, kendall_tau
 from paretoq.walk import open_model
 
-MODES = ("surrogate", "nsga2", "random")
-SURROGATE_SHARE = 0.7  # of each round; the rest is Optuna's NSGA-II exploring on its own
+MODES = ("surrogate", "local", "nsga2", "random")  # local: trust-region exchanges ranked by the sensitivities alone
+SURROGATE_SHARE = 0.7  # of each round; the rest is NSGA-II's children of the verified plans
 MAX_CONSECUTIVE_FAILURES = 10  # failed trials in a row before the search gives up
+TEST_FRACTION = 1 / 3  # the last third of the eval windows is held out: never used to select
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                               optuna.trial.TrialState.WAITING)
 
@@ -70,6 +88,7 @@ class SearchConfig:
     mode: str = "surrogate"
     with_baselines: bool = True
     round_size: int = 10
+    sensitivity: str = "unit"  # probes/sensitivity.py: "unit" (cost independent of G) or "group"
     sensitivity_tokens: int = 2048
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
@@ -87,6 +106,25 @@ class SearchConfig:
 
 
 @dataclass
+class Prepared:
+    """What the search needs from the model, built by ``_prepare`` alone.
+
+    ``evaluator``: ``evaluate(component_bits, part) -> EvalResult``, ``reference(part).ppl`` and an
+    ``evaluations`` counter, over the parts "select" (the search's windows), "sens" (the first
+    windows of "select", for sensitivities) and "test" (held out).
+    """
+
+    adapter: Adapter
+    model_info: dict  # {"name_or_path", "model_type"} as plans record them
+    settings: QuantSettings
+    loss: dict[tuple[str, int], float]  # GPTQ's loss of each (component key, bits)
+    usage: dict[str, float]  # component key -> routing usage (1 outside routed experts)
+    evaluator: object  # paretoq.evaluate.PlanEvaluator, or anything with its interface
+    features: object | None = None  # probes.features.Features: the seed heuristics need them
+    cache_key: str | None = None  # what the sensitivities depend on (None: not cached on disk)
+
+
+@dataclass
 class SearchState:
     """What the report needs from a finished search."""
 
@@ -100,14 +138,13 @@ class SearchState:
     timings: dict[str, float] = field(default_factory=dict)
     taus: list[tuple[str, float]] = field(default_factory=list)  # (round, Kendall tau on unseen trials)
     interrupted: bool = False
+    held_out: dict[int, dict] = field(default_factory=dict)  # trial number -> metrics on the held-out windows
+    fp_ppl_test: float = math.nan
+    evaluations: dict[str, int] = field(default_factory=dict)  # plans evaluated, by stage
 
 
 def default_study_name(model: str, budget: float) -> str:
     return f"{Path(str(model)).name or 'model'}-{budget:g}bit"
-
-
-def _genome_params(groups: list[Group], bits: dict[str, int]) -> dict[str, int]:
-    return {g.name: g.choices.index(bits[g.name]) for g in groups}
 
 
 class NonFiniteEvaluation(Exception):
@@ -136,6 +173,7 @@ def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
             "--trials", str(cfg.trials), "--seed", str(cfg.seed), "--study", name, "--mode", cfg.mode,
             "--calib-tokens", str(cfg.calib_tokens), "--eval-tokens", str(cfg.eval_tokens),
             "--seq-len", str(cfg.seq_len), "--device", cfg.device, "--heartbeat", str(cfg.heartbeat),
+            "--sensitivity", cfg.sensitivity,
             "--storage", cfg.storage or DEFAULT_STORAGE]
     args += ["--bits", ",".join(map(str, cfg.bits))] if cfg.bits else []
     args += ["--timeout", str(cfg.timeout)] if cfg.timeout else []
@@ -159,19 +197,18 @@ def _open_study(name: str, storage, sampler) -> tuple[optuna.Study, bool]:
         return study, False
 
 
-def _enqueue_baselines(study: optuna.Study, groups: list[Group], baseline_bits: dict[str, dict[str, int]],
-                       created: bool) -> None:
+def _enqueue_baselines(study: optuna.Study, baseline_genomes: dict[str, str], created: bool) -> None:
     """Baselines are enqueued once per study: by the worker that created it. A later run enqueues
     what is missing only when the creator never finished (no ``baselines_enqueued`` mark) and no
     other worker is active, so workers started together never enqueue twice."""
-    if not baseline_bits or study.user_attrs.get("baselines_enqueued"):
+    if not baseline_genomes or study.user_attrs.get("baselines_enqueued"):
         return
     if not created and any(t.state in (RUNNING, WAITING) for t in study.get_trials(deepcopy=False)):
         return
     existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
-    for bname, bits in baseline_bits.items():
+    for bname, genome in baseline_genomes.items():
         if f"baseline:{bname}" not in existing:
-            study.enqueue_trial(_genome_params(groups, bits), user_attrs={"source": f"baseline:{bname}"})
+            study.enqueue_trial({}, user_attrs={"source": f"baseline:{bname}", "genome": genome})
     study.set_user_attr("baselines_enqueued", True)
 
 
@@ -183,27 +220,6 @@ def _give_back(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     study.add_trial(optuna.create_trial(
         state=WAITING, params=trial.params, distributions=trial.distributions,
         user_attrs={k: v for k, v in trial.user_attrs.items() if k != "worker"}, system_attrs=dict(trial.system_attrs)))
-
-
-def _propose(surrogate: Surrogate, tables, groups: list[Group], done, cfg: SearchConfig, room: int,
-             round_no: int) -> list[tuple[np.ndarray, float, str]]:
-    """One round's surrogate proposals: local ones around the incumbent, then global ones."""
-    genomes = np.array([[t.params[g.name] for g in groups] for t in done]) if done else np.zeros((0, len(groups)), int)
-    kls = np.array([t.values[0] for t in done])
-    surrogate.fit(genomes, kls)
-    seen = {gnm.astype(np.int64).tobytes() for gnm in genomes}
-    n = max(1, int(round(room * SURROGATE_SHARE)))
-    proposals: list[tuple[np.ndarray, float, str]] = []
-    feasible = [i for i, t in enumerate(done) if t.user_attrs.get("feasible")]
-    if feasible and surrogate.model is not None:
-        incumbent = genomes[min(feasible, key=lambda i: kls[i])]
-        local = Surrogate(tables).fit_local(genomes, kls, incumbent)
-        proposals += [(g, p, "local") for g, p in local.propose_local((n + 1) // 2, cfg.budget, incumbent, seen)]
-        seen |= {g.astype(np.int64).tobytes() for g, _, _ in proposals}
-    init = genomes[np.argsort(kls)] if len(done) else None
-    proposals += [(g, p, "global") for g, p in
-                  surrogate.propose(n - len(proposals), cfg.budget, seen, seed=cfg.seed + len(done) + round_no, init=init)]
-    return proposals
 
 
 def _kendall_taus(done) -> list[tuple[str, float]]:
@@ -221,20 +237,23 @@ def _kendall_taus(done) -> list[tuple[str, float]]:
     return taus
 
 
-def run_search(cfg: SearchConfig) -> SearchState:
-    started = time.time()
-    timings: dict[str, float] = {}
+def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group]]:
+    """Everything that can be checked before the long work: from shapes alone, no weight read."""
     check_budget(cfg.budget)
     if cfg.mode not in MODES:
         raise ParetoqError(f"unknown search mode {cfg.mode!r}; use one of {', '.join(MODES)}")
+    if cfg.sensitivity not in SENSITIVITY_METHODS:
+        raise ParetoqError(f"unknown sensitivity method {cfg.sensitivity!r}; use one of {', '.join(SENSITIVITY_METHODS)}")
     if cfg.jobs < 1:
         raise ParetoqError(f"--jobs must be at least 1, got {cfg.jobs}")
     if cfg.heartbeat < 1:
         raise ParetoqError(f"--heartbeat must be at least 1 second, got {cfg.heartbeat}")
+    if cfg.eval_tokens < 3 * cfg.seq_len:
+        raise ParetoqError(f"--eval-tokens {cfg.eval_tokens} gives fewer than 3 windows of --seq-len {cfg.seq_len}; "
+                           "the search selects on two thirds and holds out one: raise --eval-tokens")
     space = restrict_bits(load_space(cfg.space), cfg.bits)
     space = target_space(space, cfg.target, cfg.budget)
     docs = read_documents(cfg.calib)
-    # Shapes alone decide the groups: check the space against the budget before loading any weight.
     meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
     groups = make_groups(meta.adapter, space)
     if not groups:
@@ -242,70 +261,167 @@ def run_search(cfg: SearchConfig) -> SearchState:
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")
+    sets = load_token_sets(meta.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
+                           documents=docs)
+    return space, groups, sets
+
+
+def split_windows(eval_set: TokenSet, sensitivity_windows: int) -> dict[str, TokenSet]:
+    """The eval windows' parts: "test" the last third (held out, never used to select), "select"
+    the rest, "sens" the first ``sensitivity_windows`` of "select"."""
+    ids = eval_set.input_ids
+    n_test = max(1, math.ceil(len(ids) * TEST_FRACTION))
+    select = TokenSet(ids[: len(ids) - n_test], eval_set.source)
+    return {"select": select, "test": TokenSet(ids[len(ids) - n_test:], eval_set.source),
+            "sens": TokenSet(select.input_ids[: max(1, min(sensitivity_windows, len(select.input_ids)))], eval_set.source)}
+
+
+def _prepare(cfg: SearchConfig, groups: list[Group], sets) -> Prepared:
+    """The one place that opens the model and builds the capture, probes, quant cache, references and
+    evaluator: one walk over the layers (`paretoq.calibrate`), each entry cached on disk, from the
+    token sets ``_check`` made (``data.TokenSets``)."""
+    sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
+                    trust_remote_code=cfg.trust_remote_code)
+    settings = QuantSettings()
+    parts = split_windows(sets.eval, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
+    widths = tuple(sorted({b for g in groups for b in g.choices}))
+    walk = prepare(sm, sets.calib, parts, settings, widths, seed=cfg.seed, use_cache=cfg.use_cache,
+                   progress=cfg.progress)
+    features, cache, cap_key, loaded = walk.features, walk.cache, walk.capture_key, sm.loaded
+    by_key = features.by_key()
+    return Prepared(adapter=loaded.adapter,
+                    model_info={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
+                    settings=settings, loss=cache.loss, usage={k: float(r.usage) for k, r in by_key.items()},
+                    evaluator=StreamedEvaluator(sm, cache.weight, parts, walk.references), features=features,
+                    cache_key=f"{cap_key}/{settings.to_dict()}/{parts['sens'].fingerprint()}")
+
+
+def run_search(cfg: SearchConfig) -> SearchState:
+    started = time.time()
+    space, groups, sets = _check(cfg)
     name = cfg.study or default_study_name(cfg.model, cfg.budget)
     out = Path(cfg.out) if cfg.out else Path("studies") / name
     if not cfg.worker:
         _check_writable(out)
+    storage = open_storage(cfg.storage, cfg.heartbeat)  # a bad URL fails now, before the long work
     if cfg.jobs > 1:  # share the cores with the other workers of this machine (this one included)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
-    sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
-                    trust_remote_code=cfg.trust_remote_code)
-    loaded = sm.loaded
+    t = time.time()
+    prep = _prepare(cfg, groups, sets)
+    timings = {"setup (capture, probes, quant cache)": time.time() - t}
+    return search(cfg, groups, prep, storage, space_name=space.name, started=started, timings=timings)
 
-    # -- setup: one walk over the layers fills every cache (capture, features, quant, reference) ---
-    t = time.time()
-    sets = load_token_sets(loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
-                           documents=docs)
-    storage = open_storage(cfg.storage, cfg.heartbeat)  # a bad URL fails now, before the long work
-    n_sens = max(1, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
-    parts = {"eval": sets.eval, "sensitivity": TokenSet(sets.eval.input_ids[:n_sens], sets.eval.source)}
-    settings = QuantSettings()
-    widths = tuple(sorted({b for g in groups for b in g.choices}))
-    prep = prepare(sm, sets.calib, parts, settings, widths, seed=cfg.seed, use_cache=cfg.use_cache,
-                   progress=cfg.progress)
-    features, cache, cap_key = prep.features, prep.cache, prep.capture_key
-    evaluator = StreamedEvaluator(sm, cache.weight, parts, prep.references)
-    ref = evaluator.reference("eval")
-    timings["setup (capture, probes, quant cache, reference)"] = time.time() - t
-    t = time.time()
-    sensitivity = measure_sensitivity(lambda bits: evaluator.evaluate(bits, "sensitivity").kl, groups,
-                                      progress=cfg.progress,
-                                      cache_key=f"{cap_key}/{settings.to_dict()}/{parts['sensitivity'].fingerprint()}")
-    timings["measured sensitivity"] = time.time() - t
-    by_key = features.by_key()
-    usage = {g.name: float(np.mean([by_key[k].usage for k in g.keys])) for g in groups}
-    tables = build_tables(groups, sensitivity, cache.loss, usage)
+
+def _sensitivity_tables(cfg: SearchConfig, groups: list[Group], prep: Prepared) -> Tables:
+    usage = {g.name: float(np.mean([prep.usage.get(k, 1.0) for k in g.keys])) for g in groups}
+    sensitivity = measure_sensitivity(lambda bits: prep.evaluator.evaluate(bits, "sens").kl, groups, cfg.sensitivity,
+                                      loss=prep.loss, usage=usage, cache_key=prep.cache_key, progress=cfg.progress)
+    return build_tables(groups, sensitivity, prep.loss, usage)
+
+
+def _baselines(cfg: SearchConfig, groups: list[Group], prep: Prepared, tables: Tables) -> dict[str, str]:
+    """Baseline name -> genome: the seed heuristics (they need the probe features) and the exact
+    knapsack over the measured sensitivities."""
+    if not cfg.with_baselines:
+        return {}
+    plans = bl.heuristics(groups, prep.features, cfg.budget) if prep.features is not None else {}
+    sens = {g.name: {b: float(tables.sens[i, g.choices.index(b)]) for b in g.choices} for i, g in enumerate(groups)}
+    plans["knapsack"] = bl.knapsack(groups, sens, cfg.budget)
+    return {name: encode_genome(tables.genome(bits)) for name, bits in plans.items()}
+
+
+def _genomes(done) -> np.ndarray:
+    return np.array([decode_genome(t.user_attrs["genome"]) for t in done])
+
+
+def _round(cfg: SearchConfig, tables: Tables, done, n: int,
+           rng: np.random.Generator) -> tuple[list[tuple[np.ndarray, dict]], Surrogate]:
+    """One round's plans to verify, each with its user attrs: the surrogate's (or, in mode
+    ``local``, the sensitivities') proposals first, then NSGA-II's children of the verified plans;
+    and the round's global fit (it predicts ``predicted_kl`` for plans that were not proposed)."""
+    G = len(tables.groups)
+    genomes = _genomes(done) if done else np.zeros((0, G), dtype=np.int64)
+    kls = np.array([t.values[0] for t in done])
+    seen = {g.tobytes() for g in genomes}
+    out: list[tuple[np.ndarray, dict]] = []
     surrogate = Surrogate(tables)
+    if cfg.mode in ("surrogate", "local"):
+        if cfg.mode == "surrogate":
+            surrogate.fit(genomes, kls)
+        n_model = max(1, int(round(n * SURROGATE_SHARE)))
+        feasible = [i for i, t in enumerate(done) if t.user_attrs.get("feasible")]
+        proposals: list[tuple[np.ndarray, float, str]] = []
+        if feasible and (surrogate.model is not None or cfg.mode == "local"):
+            incumbent = genomes[min(feasible, key=lambda i: kls[i])]
+            local = Surrogate(tables).fit_local(genomes, kls, incumbent) if cfg.mode == "surrogate" else surrogate
+            k = (n_model + 1) // 2 if cfg.mode == "surrogate" else n_model
+            proposals += [(g, p, "local") for g, p in local.propose_local(k, cfg.budget, incumbent, seen)]
+            seen |= {g.tobytes() for g, _, _ in proposals}
+        if cfg.mode == "surrogate" or not proposals:
+            proposals += [(g, p, "global") for g, p in surrogate.propose(n_model - len(proposals), cfg.budget, seen)]
+        seen |= {g.tobytes() for g, _, _ in proposals}
+        out += [(g, {"source": cfg.mode if cfg.mode == "local" else "surrogate", "proposal": kind,
+                     "predicted_kl": pred}) for g, pred, kind in proposals]
+    rest = n - len(out)
+    if rest > 0:
+        if len(done) >= 2:
+            avg = tables.avg_bits(genomes)
+            F = np.column_stack([kls, avg])
+            children = offspring(genomes, F, np.maximum(avg - cfg.budget, 0), 4 * rest, tables.n_choices, rng)
+        else:  # NSGA-II's first generation: random plans
+            children = rng.integers(0, tables.n_choices, size=(4 * rest, G))
+        for child in children:
+            if child.tobytes() not in seen and rest > 0:
+                seen.add(child.tobytes())
+                out.append((child, {"source": "nsga2", "predicted_kl": float(surrogate.predict(child)[0])}))
+                rest -= 1
+    return out, surrogate
+
+
+def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, space_name: str | None = None,
+           started: float | None = None, timings: dict[str, float] | None = None) -> SearchState:
+    """Stages 3 and 4 (module docstring) on what ``_prepare`` gave."""
+    started = started or time.time()
+    timings = dict(timings or {})
+    name = cfg.study or default_study_name(cfg.model, cfg.budget)
+    out = Path(cfg.out) if cfg.out else Path("studies") / name
+    ev = prep.evaluator
+    t, before = time.time(), ev.evaluations
+    tables = _sensitivity_tables(cfg, groups, prep)
+    evaluations = {"sensitivity": ev.evaluations - before}
+    timings["measured sensitivity"] = time.time() - t
+    t = time.time()
+    baseline_genomes = _baselines(cfg, groups, prep, tables)
+    timings["baselines (heuristics, exact knapsack)"] = time.time() - t
+    fp_ppl = ev.reference("select").ppl
 
     # -- the study ----------------------------------------------------------------------------
     def sampler(seed: int) -> optuna.samplers.BaseSampler:
+        # Every trial's plan is enqueued (or, in random mode, drawn in the objective): the sampler
+        # samples no parameter. Passed explicitly all the same (Optuna 5 defaults to TPE).
         return (optuna.samplers.RandomSampler(seed=seed) if cfg.mode == "random"
                 else optuna.samplers.NSGAIISampler(seed=seed, population_size=max(10, cfg.round_size)))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    baseline_bits: dict[str, dict[str, int]] = {}
-    if cfg.with_baselines:  # computed before the study exists, so its creator enqueues them at once
-        baseline_bits = bl.heuristics(groups, features, cfg.budget)
-        baseline_bits["knapsack"] = bl.knapsack(groups, sensitivity, cfg.budget)
     study, created = _open_study(name, storage, sampler(cfg.seed))
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # Workers that join a study draw other random numbers than its creator, or they would all
     # propose the same plans; the creator's run stays reproducible from --seed.
     salt = 0 if created else zlib.crc32(worker.encode()) % 1_000_003
-    if salt:
-        study.sampler = sampler(cfg.seed + salt)
+    rng = np.random.default_rng(cfg.seed + salt)
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["KL", "avg_bits"])
-    for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space.name,
-                       "target": cfg.target}.items():
+    for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space_name,
+                       "target": cfg.target, "groups": len(groups)}.items():
         study.set_user_attr(key, value)
-    _enqueue_baselines(study, groups, baseline_bits, created)
+    _enqueue_baselines(study, baseline_genomes, created)
     # What optuna-dashboard shows: figures, note and artifacts (paretoq/dashboard.py).
-    pub = dashboard.Publisher(study, cfg.storage or DEFAULT_STORAGE, out, loaded.adapter, cfg.budget, fp_ppl=ref.ppl,
-                              model={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
-                              baselines={b: _genome_params(groups, bits) for b, bits in baseline_bits.items()})
+    pub = dashboard.Publisher(study, cfg.storage or DEFAULT_STORAGE, out, prep.adapter, cfg.budget, fp_ppl=fp_ppl,
+                              model=prep.model_info, baselines=baseline_genomes, groups=groups)
     children = _spawn_workers(cfg, name) if cfg.jobs > 1 and not cfg.worker else []
+    prior = Surrogate(tables)
+    fitted = {"model": prior}  # the global fit of the latest round, for predicted_kl of unqueued plans
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING, WAITING))
@@ -320,37 +436,44 @@ def run_search(cfg: SearchConfig) -> SearchState:
             # one steps back in the queue.
             _give_back(study, me)
             raise optuna.TrialPruned("a retried plan goes first")
-        idx = {g.name: trial.suggest_int(g.name, 0, len(g.choices) - 1) for g in groups}
         trial.set_user_attr("worker", worker)  # which process verifies it, for whoever inspects the study
-        genome = np.array([idx[g.name] for g in groups])
+        text = trial.user_attrs.get("genome")
+        if text is None:  # nothing queued for this worker (random mode, or another worker took it): a random plan
+            genome = np.random.default_rng([cfg.seed, salt, trial.number]).integers(0, tables.n_choices)
+            trial.set_user_attr("genome", encode_genome(genome))
+            trial.set_user_attr("source", "random")
+        else:
+            genome = decode_genome(text)
         comp_bits = component_bits(groups, tables.plan_bits(genome))
-        plan = Plan(comp_bits, settings)
+        plan = Plan(comp_bits, prep.settings)
         try:
-            r = evaluator.evaluate(comp_bits, "eval")
+            r = ev.evaluate(comp_bits, "select")
         except KeyboardInterrupt:  # Optuna fails this trial; an enqueued plan goes back in the queue
             _give_back(study, me)
             raise
         if not (math.isfinite(r.kl) and math.isfinite(r.ppl)):
             trial.set_user_attr("fail_reason", f"evaluation gave KL={r.kl}, perplexity={r.ppl}")
             raise NonFiniteEvaluation(f"trial {trial.number}: evaluation gave KL={r.kl}, perplexity={r.ppl}")
-        avg = plan.avg_bits(loaded.adapter, over="plan")  # the budget is over the space's components
-        trial.set_constraint("budget", avg - cfg.budget)
-        source = trial.user_attrs.get("source") or ("random" if cfg.mode == "random" else "nsga2")
-        attrs = {"source": source, "avg_bits": avg, "effective_bits": plan.effective_bits(loaded.adapter, over="plan"),
-                 "size_bytes": plan.size_bytes(loaded.adapter), "kl": r.kl, "ppl": r.ppl, "agreement": r.agreement,
+        avg = float(tables.avg_bits(genome[None])[0])
+        # The constraint, written once, in the list form that both Optuna's samplers and
+        # optuna-dashboard read (Trial.set_constraint writes another key, which the dashboard ignores
+        # and Optuna would count as a second constraint beside this one).
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [avg - cfg.budget])
+        attrs = {"avg_bits": avg, "effective_bits": plan.effective_bits(prep.adapter, over="plan"),
+                 "size_bytes": plan.size_bytes(prep.adapter), "kl": r.kl, "ppl": r.ppl, "agreement": r.agreement,
                  "feasible": avg <= cfg.budget + 1e-9}
+        if "source" not in trial.user_attrs:
+            attrs["source"] = "random"
         if "predicted_kl" not in trial.user_attrs:
-            attrs["predicted_kl"] = float(surrogate.predict(genome)[0])
+            attrs["predicted_kl"] = float(fitted["model"].predict(genome)[0])
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         pub.on_trial(trial, plan)
         return r.kl, avg
 
-    done = report.completed(study)
-    bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="search", unit="trial",
+    bar = tqdm(total=cfg.trials, initial=min(len(report.completed(study)), cfg.trials), desc="search", unit="trial",
                disable=not cfg.progress)
-    best_kl = min((t.values[0] for t in done if t.user_attrs.get("feasible")), default=math.inf)
-
+    best_kl = min((t.values[0] for t in report.completed(study) if t.user_attrs.get("feasible")), default=math.inf)
     failures = 0  # this worker's failed trials in a row
 
     def on_trial(study_, trial_: optuna.trial.FrozenTrial) -> None:
@@ -364,10 +487,9 @@ def run_search(cfg: SearchConfig) -> SearchState:
         if best_kl < math.inf:
             bar.set_postfix(best_kl=f"{best_kl:.4g}")
 
-    t = time.time()
+    t, before = time.time(), ev.evaluations
     deadline = started + cfg.timeout if cfg.timeout else None
-    round_no, explore_left, interrupted = 0, 0, False
-    published = 0
+    round_no, interrupted, published = 0, False, 0
     try:
         while deadline is None or time.time() < deadline:
             trials = study.get_trials(deepcopy=False)
@@ -382,23 +504,17 @@ def run_search(cfg: SearchConfig) -> SearchState:
                     optuna.storages.fail_stale_trials(study)
                 time.sleep(min(2.0, cfg.heartbeat))
                 continue
-            waiting = any(t.state == WAITING for t in trials)
             if n_done - published >= cfg.round_size:  # figures and note in the dashboard, as it runs
                 pub.on_round()
                 published = n_done
-            if cfg.mode == "surrogate" and not waiting and explore_left == 0:
-                proposals = _propose(surrogate, tables, groups, report.completed(study), cfg,
-                                     min(cfg.round_size, cfg.trials - n_done), salt + round_no)
-                for genome, pred, kind in proposals:
-                    study.enqueue_trial({g.name: int(i) for g, i in zip(groups, genome)},
-                                        user_attrs={"source": "surrogate", "proposal": kind, "predicted_kl": pred,
-                                                    "round": f"{worker}/{round_no}"})
-                explore_left = max(0, cfg.round_size - len(proposals))
+            if cfg.mode != "random" and not any(t.state == WAITING for t in trials):
+                done = [t for t in trials if t.state == COMPLETE]
+                plans, fitted["model"] = _round(cfg, tables, done, min(cfg.round_size, cfg.trials - n_done), rng)
+                for genome, attrs in plans:
+                    study.enqueue_trial({}, user_attrs={**attrs, "genome": encode_genome(genome),
+                                                        "round": f"{worker}/{round_no}"})
                 round_no += 1
-                waiting = bool(proposals)
             study.optimize(objective, n_trials=1, callbacks=[on_trial], catch=(NonFiniteEvaluation,))
-            if not waiting:
-                explore_left = max(0, explore_left - 1)
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise ParetoqError(f"{failures} trials in a row failed (see their fail_reason); check the model "
                                    "and the calibration data")
@@ -413,23 +529,50 @@ def run_search(cfg: SearchConfig) -> SearchState:
                 child.wait(timeout=None if not interrupted else 60)
             except subprocess.TimeoutExpired:
                 child.kill()
+    evaluations["verified trials"] = ev.evaluations - before
     timings["verified trials"] = time.time() - t
-    timings["total"] = time.time() - started
     done = report.completed(study)
-    taus = _kendall_taus(done)
     names = pub.baseline_trials()
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None
+    held_out: dict[int, dict] = {}
+    if not cfg.worker and not interrupted:
+        t, before = time.time(), ev.evaluations
+        held_out = _held_out(study, done, best, names, groups, tables, ev)
+        evaluations["held-out re-measurement"] = ev.evaluations - before
+        timings["held-out re-measurement"] = time.time() - t
     plan = None
     if best is not None:
-        bits = tables.plan_bits(np.array([best.params[g.name] for g in groups]))
-        plan = Plan(component_bits(groups, bits), settings,
-                    model={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},
-                    budget=cfg.budget, metrics={"kl": best.values[0], "ppl": best.user_attrs["ppl"],
-                                                "ppl_fp": ref.ppl, "agreement": best.user_attrs["agreement"],
-                                                "trial": best.number, "source": best.user_attrs.get("source")})
-    state = SearchState(cfg, study, groups, plan, names, ref.ppl, out, timings, taus, interrupted)
+        test = held_out.get(best.number, {})
+        plan = Plan(component_bits(groups, tables.plan_bits(decode_genome(best.user_attrs["genome"]))), prep.settings,
+                    model=prep.model_info, budget=cfg.budget,
+                    metrics={"kl": best.values[0], "kl_test": test.get("kl"), "ppl": best.user_attrs["ppl"],
+                             "ppl_test": test.get("ppl"), "ppl_fp": fp_ppl,
+                             "ppl_fp_test": ev.reference("test").ppl if test else None,
+                             "agreement": best.user_attrs["agreement"], "agreement_test": test.get("agreement"),
+                             "trial": best.number, "source": best.user_attrs.get("source")})
+    timings["total"] = time.time() - started
+    state = SearchState(cfg, study, groups, plan, names, fp_ppl, out, timings, _kendall_taus(done), interrupted,
+                        held_out, ev.reference("test").ppl if held_out else math.nan, evaluations)
     if not cfg.worker:
-        report.write_outputs(state, loaded.adapter)
-        pub.on_finish(features)
+        report.write_outputs(state, prep.adapter)
+        pub.on_finish(prep.features)
     return state
+
+
+def _held_out(study: optuna.Study, done, best, baseline_trials: dict[str, int], groups: list[Group], tables: Tables,
+              evaluator) -> dict[int, dict]:
+    """Trial number -> KL, perplexity and agreement on the held-out windows, for the best plan, every
+    point of the front of all trials and of the front of non-baseline trials, and every baseline.
+    Kept in the study (user attr ``held_out``), so a resumed search measures only what is new."""
+    stored = {int(k): v for k, v in study.user_attrs.get("held_out", {}).items()}
+    searched = [t for t in done if not str(t.user_attrs.get("source", "")).startswith("baseline:")]
+    want = {t.number for t in report.front_of(done)} | {t.number for t in report.front_of(searched)}
+    want |= set(baseline_trials.values()) | ({best.number} if best is not None else set())
+    by_number = {t.number: t for t in done}
+    for n in sorted(want - set(stored)):
+        genome = decode_genome(by_number[n].user_attrs["genome"])
+        r = evaluator.evaluate(component_bits(groups, tables.plan_bits(genome)), "test")
+        stored[n] = {"kl": r.kl, "ppl": r.ppl, "agreement": r.agreement}
+    study.set_user_attr("held_out", {str(k): v for k, v in stored.items()})
+    return stored

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from paretoq.errors import ParetoqError
@@ -82,7 +83,15 @@ def load_space(name_or_path: str = "default") -> SearchSpace:
                 or any(isinstance(b, bool) or b not in BITS for b in choices)):
             raise ParetoqError(f"search space {path}: bits for {kind} must be a non-empty list from {list(BITS)}")
         clean[kind] = tuple(sorted(set(choices)))
-    return SearchSpace(str(raw.get("name", path.stem)), granularity, clean)
+    tie = raw.get("tie", [])
+    if (not isinstance(tie, list) or any(not isinstance(t, list) or len(t) < 2 or not all(isinstance(p, str) for p in t)
+                                         for t in tie)):
+        raise ParetoqError(f"search space {path}: 'tie' must be a list of lists of projection names, "
+                           "e.g. [[q_proj, k_proj, v_proj], [gate_proj, up_proj]]")
+    projs = [p for t in tie for p in t]
+    if len(projs) != len(set(projs)):
+        raise ParetoqError(f"search space {path}: a projection appears in two 'tie' lists; list each once")
+    return SearchSpace(str(raw.get("name", path.stem)), granularity, clean, tuple(tuple(t) for t in tie))
 
 
 def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpace:
@@ -117,6 +126,16 @@ def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
               space.bits[comps[0].kind])
         for name, comps in tied.items()
     ]
+
+
+def encode_genome(genome) -> str:
+    """A plan as the study stores it: one digit per group (its index into the group's bit choices),
+    one attribute per trial whatever the number of groups."""
+    return (np.asarray(genome, dtype=np.uint8) + 48).tobytes().decode("ascii")
+
+
+def decode_genome(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
 
 
 def avg_bits(groups: list[Group], bits: dict[str, int]) -> float:

@@ -118,7 +118,10 @@ def test_the_study_reads_back_through_the_dashboard_api(searched):
         for n, t in trials.items():  # the dashboard reads only list-format constraints
             assert (t["constraints"][0] <= 0) == (attrs[n]["feasible"] == "True")
         graphs = {g["id"]: g["graph_object"] for g in study["plotly_graph_objects"]}
-        assert set(graphs) == {"paretoq-front", "paretoq-hypervolume", "paretoq-surrogate"}
+        assert set(graphs) == {"paretoq-front", "paretoq-hypervolume", "paretoq-surrogate", "paretoq-bits"}
+        # the best plan as mean bits per layer and kind (a plan is one genome attribute, no parameter columns)
+        heat = json.loads(graphs["paretoq-bits"])["data"][0]
+        assert heat["type"] == "heatmap" and set(heat["y"]) >= {"attn", "expert", "shared"}
         labels = {a["text"] for a in json.loads(graphs["paretoq-front"])["layout"]["annotations"]}
         assert {b["name"] for b in front["baselines"]} <= {n for label in labels for n in label.split("<br>")}
         artifacts = {a["filename"]: a for a in study["artifacts"]}
@@ -250,13 +253,15 @@ def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(study_name="s", storage=url, directions=["minimize", "minimize"])
     pub = dashboard.Publisher(study, url, tmp_path / "out", adapter=None, budget=3.0, model={"name_or_path": "x"},
-                              fp_ppl=10.0, baselines={"uniform-2": {"g": 0}, "same-as-uniform-2": {"g": 0}})
+                              fp_ppl=10.0, baselines={"uniform-2": "0", "same-as-uniform-2": "0"})
     assert dashboard.read_last_used() == {"storage": url, "study": "s"}
     points = {0: (0.5, 2.0), 1: (0.1, 4.0), 2: (0.6, 3.0), 3: (0.05, 8.0)}  # trial 2 is dominated by trial 0
 
     def objective(trial):
-        g = trial.suggest_int("g", 0, 3)
+        g = int(trial.user_attrs["genome"])  # a plan is one genome attribute (search.py)
         kl, bits = points[g]
+        # the search writes the constraint, once, in the list form both Optuna and the dashboard read
+        trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [bits - 3.0])
         for k, v in {"kl": kl, "avg_bits": bits, "ppl": 11.0, "agreement": 0.9, "source": "nsga2",
                      "feasible": bits <= 3.0}.items():
             trial.set_user_attr(k, v)
@@ -264,7 +269,7 @@ def test_publisher_on_a_synthetic_study(tmp_path, monkeypatch):
         return kl, bits
 
     for g in points:
-        study.enqueue_trial({"g": g})
+        study.enqueue_trial({}, user_attrs={"genome": str(g)})
     study.optimize(objective, n_trials=4)
     pub.on_round()
     with_plans = {t.number for t in study.trials if optuna.artifacts.get_all_artifact_meta(t, storage=study._storage)}

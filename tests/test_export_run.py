@@ -9,7 +9,7 @@ from paretoq.export.targets import TARGETS, problems
 from paretoq.models import load_model
 from paretoq.plan import Plan
 from paretoq.search import SearchConfig, run_search
-from paretoq.space import component_bits
+from paretoq.space import component_bits, decode_genome
 
 
 @pytest.fixture
@@ -94,7 +94,8 @@ def test_a_search_for_vllm_exports_without_collapsing(tiny_search_model_dir, tmp
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 6
     for t in done:  # every proposal, baselines included, is a plan vLLM loads
-        bits = component_bits(state.groups, {g.name: g.choices[t.params[g.name]] for g in state.groups})
+        genome = decode_genome(t.user_attrs["genome"])
+        bits = component_bits(state.groups, {g.name: g.choices[i] for g, i in zip(state.groups, genome)})
         assert not problems(Plan(bits), adapter, TARGETS["vllm"])
     plan = tmp_path / "out" / "plan.json"
     for fmt in ("gptqmodel", "vllm"):

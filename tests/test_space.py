@@ -57,3 +57,16 @@ def test_restricting_bits():
     assert all(v == (2, 4) for v in space.bits.values())
     with pytest.raises(ParetoqError, match="leaves no choice"):
         restrict_bits(space, (3,))
+
+
+def test_tie_key_is_read_and_ties_projections(adapter, tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("granularity: expert\nbits: {attn: [2, 4], expert: [2, 4]}\ntie: [[q_proj, k_proj, v_proj]]\n")
+    space = load_space(str(path))
+    assert space.tie == (("q_proj", "k_proj", "v_proj"),)
+    attn = [g for g in make_groups(adapter, space) if g.kind == "attn"]
+    assert sorted(len(g.keys) for g in attn) == [1, 1, 3, 3]  # per layer: q+k+v together, o alone
+    for bad in ("tie: [q_proj]\n", "tie: [[q_proj]]\n", "tie: [[q_proj, k_proj], [k_proj, v_proj]]\n"):
+        path.write_text("bits: {attn: [2, 4]}\n" + bad)
+        with pytest.raises(ParetoqError, match="tie"):
+            load_space(str(path))

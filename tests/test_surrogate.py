@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from paretoq.space import Group
 from paretoq.surrogate import Surrogate, build_tables, kendall_tau
@@ -31,7 +32,7 @@ def test_proposals_are_within_budget_unseen_and_distinct():
     tables = build_tables(groups, sens, {}, {})
     s = Surrogate(tables)
     seen = {np.zeros(len(groups), dtype=np.int64).tobytes()}
-    props = s.propose(10, budget=3.0, seen=seen, generations=40, pop_size=60)
+    props = s.propose(10, budget=3.0, seen=seen)
     assert 0 < len(props) <= 10
     keys = {g.astype(np.int64).tobytes() for g, _ in props}
     assert len(keys) == len(props) and not keys & seen
@@ -67,7 +68,7 @@ def test_neighbours_are_exactly_the_exchanges_within_budget():
     s = Surrogate(tables)
     genome = np.array([1, 0, 2, 3, 1, 1, 0, 2, 1])
     budget = float(tables.avg_bits(genome[None])[0])  # no slack: every upgrade must be funded
-    got = {tuple(c) for c in neighbours(tables, genome, budget, s.predict)}
+    got = {tuple(c) for c in neighbours(tables, genome, budget, s.table)}
     assert got == _exchanges_by_brute_force(tables, genome, budget) and got
 
 
@@ -85,7 +86,7 @@ def test_local_fit_learns_what_the_prior_misses_around_the_incumbent():
     incumbent = np.array([1, 1, 0, 2, 0, 1, 1, 1, 1])
     budget = float(tables.avg_bits(incumbent[None])[0])
     prior = Surrogate(tables)
-    near = neighbours(tables, incumbent, budget, prior.predict)
+    near = neighbours(tables, incumbent, budget, prior.table)
     verified = np.vstack([incumbent[None], near[rng.permutation(len(near))[:25]], rng.integers(0, 4, (40, 9))])
     seen = {p.astype(np.int64).tobytes() for p in verified}
     local = Surrogate(tables).fit_local(verified, truth(verified), incumbent)
@@ -97,3 +98,33 @@ def test_local_fit_learns_what_the_prior_misses_around_the_incumbent():
     unseen = np.array([c for c in near if c.astype(np.int64).tobytes() not in seen])
     prior_pick = unseen[np.argmin(prior.predict(unseen))]
     assert truth(props[0][0][None])[0] < truth(prior_pick[None])[0]
+
+
+def test_a_prediction_does_not_depend_on_what_is_scored_beside_it_and_the_fit_is_additive():
+    groups = _groups()
+    rng = np.random.default_rng(1)
+    sens = {g.name: {b: float(rng.random()) * 2.0 ** -b for b in g.choices} for g in groups}
+    loss = {(g.keys[0], b): float(rng.random()) for g in groups for b in g.choices}
+    tables = build_tables(groups, sens, loss, {g.name: float(rng.random()) for g in groups})
+    genomes = rng.integers(0, 4, size=(60, len(groups)))
+    s = Surrogate(tables).fit(genomes, rng.random(60) * 1e-3)
+    one = genomes[:1]
+    extreme = np.zeros((1, len(groups)), dtype=np.int64)  # a batch partner with extreme extra columns
+    assert s.predict(one)[0] == s.predict(np.vstack([one, extreme, genomes[5:]]))[0]
+    raw = s.table[np.arange(len(groups)), genomes].sum(-1) + s._intercept
+    np.testing.assert_allclose(s.predict(genomes), np.maximum(raw, 0))
+
+
+def test_the_global_proposal_is_the_exact_optimum_of_the_fitted_model():
+    import itertools
+
+    groups = _groups(6)
+    rng = np.random.default_rng(2)
+    sens = {g.name: {b: float(rng.random()) * 2.0 ** -b for b in g.choices} for g in groups}
+    tables = build_tables(groups, sens, {}, {})
+    genomes = rng.integers(0, 4, size=(40, 6))
+    s = Surrogate(tables).fit(genomes, tables.sens[np.arange(6), genomes].sum(-1) * (1 + 0.3 * rng.random(40)))
+    (best, pred), *_ = s.propose(3, budget=3.0, seen=set())
+    grid = np.array(list(itertools.product(range(4), repeat=6)))
+    ok = grid[tables.avg_bits(grid) <= 3.0 + 1e-9]
+    assert pred == pytest.approx(s.predict(ok).min(), rel=1e-9)

@@ -26,7 +26,10 @@ ref = cached_reference(fp, sets.eval)
 sub = TokenSet(sets.eval.input_ids[:8], "sub"); sref = compute_reference(fp.model, sub)
 asm = Assembler(fp.adapter, cache.weight)
 groups = make_groups(fp.adapter, load_space("default"))
-sens = measure_sensitivity(asm, groups, sref, cache_key=f"{key}/{QuantSettings().to_dict()}/{sub.fingerprint()}", progress=False)
+def measure(comp_bits):
+    with asm.apply(comp_bits): return evaluate(fp.model, sref).kl
+# issue 17 changed the signature: each group alone at each width is method "group"; the knapsack is now exact
+sens = measure_sensitivity(measure, groups, "group", cache_key=f"{key}/{QuantSettings().to_dict()}/{sub.fingerprint()}", progress=False)
 total = sum(g.params for g in groups)
 def kl(bits, r): 
     with asm.apply(component_bits(groups, bits)): return evaluate(fp.model, r).kl
