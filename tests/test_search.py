@@ -76,8 +76,8 @@ def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--budget", "1.5"], "budget 1.5 is outside the bit choices; pass --budget between 2 and 8"),
-    (["--budget", "9"], "pass --budget between 2 and 8"),
+    (["--budget", "1.5"], "budget 1.5 is outside the bit choices; pass a number between 2 and 8"),
+    (["--budget", "9"], "pass a number between 2 and 8"),
     (["--space", "nope"], "unknown search space 'nope'"),
     (["--bits", "3", "--space", "default", "--budget", "2.5"], "budget 2.5 is below the smallest plan"),
 ])
