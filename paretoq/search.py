@@ -53,6 +53,7 @@ from paretoq.errors import ParetoqError
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.targets import target_space
 from paretoq.models import Adapter, load_model
+from paretoq.models.files import check_weight_files
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
@@ -255,6 +256,7 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group]]:
     space = target_space(space, cfg.target, cfg.budget)
     docs = read_documents(cfg.calib)
     meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
+    check_weight_files(meta.path)  # missing or truncated shards: before the study is created
     groups = make_groups(meta.adapter, space)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
