@@ -4,8 +4,7 @@
 
 Each stage runs in its own process (`peak.py`) with `--max-memory 0` (always stream); the table
 gives each stage's wall time and peak RSS per depth, and the growth from the shallowest to the
-deepest model in units of one layer's weights. `tests/test_memory.py` asserts the growth stays
-under 1.5 layers.
+deepest model in units of one layer's weights (the aim: under 1.5 layers).
 """
 
 from __future__ import annotations
