@@ -443,8 +443,8 @@ class Dashboard:
 def open_dashboard(study: str | None = None, storage: str | None = None, host: str = "127.0.0.1",
                    port: int = 8080) -> Dashboard:
     """Bind optuna-dashboard's WSGI app to ``host:port`` for the study; ``serve_forever()`` serves it."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ParetoqError(f"port {port!r} is out of range; pass --port from 1 to 65535")  # socket would overflow
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:  # 0: any free port
+        raise ParetoqError(f"port {port!r} is out of range; pass --port from 1 to 65535 (0: any free port)")
     if not dashboard_installed():
         raise ParetoqError("optuna-dashboard is not installed; pip install 'paretoq[dashboard]'")
     from optuna_dashboard import wsgi

@@ -95,9 +95,9 @@ def test_an_output_directory_that_cannot_be_written(capsys, tmp_path, tiny_searc
 @pytest.mark.slow
 def test_a_nan_candidate_fails_its_trial_and_the_search_goes_on(tiny_search_model_dir, tmp_path, monkeypatch):
     import paretoq.search as search
-    from paretoq.evaluate import PlanEvaluator
+    from paretoq.evaluate import StreamedEvaluator
 
-    real, calls = PlanEvaluator.evaluate, {"n": 0}
+    real, calls = StreamedEvaluator.evaluate, {"n": 0}
 
     def sometimes_nan(self, bits, part):
         r = real(self, bits, part)
@@ -106,7 +106,7 @@ def test_a_nan_candidate_fails_its_trial_and_the_search_goes_on(tiny_search_mode
         calls["n"] += 1
         return dataclasses.replace(r, kl=math.nan) if calls["n"] == 3 else r  # the third trial
 
-    monkeypatch.setattr(PlanEvaluator, "evaluate", sometimes_nan)
+    monkeypatch.setattr(StreamedEvaluator, "evaluate", sometimes_nan)
     state = search.run_search(search.SearchConfig(
         budget=3.0, model=str(tiny_search_model_dir), trials=8, calib_tokens=512, eval_tokens=512, seq_len=64,
         sensitivity_tokens=128, storage=f"sqlite:///{tmp_path}/s.db", out=tmp_path / "out", progress=False))

@@ -23,7 +23,8 @@ def test_minimal_plan_file_and_the_table(tmp_path, capsys):
     plan.write_text(json.dumps({"format": "paretoq.plan/1", "bits": {"model.layers.2.mlp.experts.3.down_proj": 2}}))
     assert main(["eval", "--plan", str(plan), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["avg_bits"] == 2.0 and r["kl"] > 0 and r["ppl_fp"] > 0 and 0.9 < r["agreement"] < 1
+    # avg_bits is over the whole model: the other components stay in full precision
+    assert 16 < r["avg_bits"] < 32 and r["kl"] > 0 and r["ppl_fp"] > 0 and 0.9 < r["agreement"] < 1
     assert main(["eval", "--plan", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "full precision" in out and "plan.json" in out
