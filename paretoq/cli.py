@@ -106,7 +106,8 @@ def device(text: str) -> str:
 
 
 def port(text: str) -> int:
-    return integer(1, 65535)(text)
+    """1 to 65535, or 0: any free port (the operating system picks one)."""
+    return 0 if text.strip() == "0" else integer(1, 65535)(text)
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
