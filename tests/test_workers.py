@@ -78,7 +78,7 @@ def test_sigint_mid_trial_then_resume(tiny_search_model_dir, tmp_path):
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted after" in err and "Run the same command again to resume" in err
+    assert "interrupted after" in err and "run the same command again to resume" in err
     trials = _trials(storage)
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     assert next(t for t in trials if t.number == number).state == optuna.trial.TrialState.FAIL
