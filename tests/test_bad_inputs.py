@@ -213,7 +213,7 @@ ROWS = [
     ("out-quantize-exists", [*Q[:4], "ckpt", *TINY, "--uniform", "4"], ["not empty"], True, None),
     # checkpoints
     ("generate-truncated", ["generate", "--checkpoint", "ckpt-cut", "--prompt", "x", "--device", "cpu"],
-     ["model.safetensors is truncated", "paretoq quantize"], True, None),
+     [".safetensors is truncated", "paretoq quantize"], True, None),
     ("generate-quantization-json", ["generate", "--checkpoint", "ckpt-json", "--prompt", "x", "--device", "cpu"],
      ["quantization.json is truncated", "paretoq quantize"], True, None),
     ("generate-not-a-checkpoint", ["generate", "--checkpoint", "tiny", "--prompt", "x", "--device", "cpu"],
