@@ -102,9 +102,9 @@ class Publisher:
         record_last_used(storage, study.study_name)
         self.plotting = dashboard_installed()
 
-    def baseline_trials(self) -> dict[str, int]:
+    def baseline_trials(self, done: list[optuna.trial.FrozenTrial] | None = None) -> dict[str, int]:
         """Baseline name -> number of the first completed trial with its bits (several names may share one)."""
-        done = _completed(self.study)
+        done = _completed(self.study) if done is None else done
         names = {}
         for name, genome in self.baseline_genomes.items():
             match = next((t for t in done if t.user_attrs.get("genome") == genome), None)
@@ -135,7 +135,7 @@ class Publisher:
             return
         from optuna_dashboard import save_note, save_plotly_graph_object
 
-        summary = report.study_front(self.study, self.baseline_trials(), self.budget)
+        summary = report.study_front(self.study, self.baseline_trials(done), self.budget, done=done)
         figures = {"paretoq-front": front_figure(done, summary), "paretoq-hypervolume": hypervolume_figure(self.study, done),
                    "paretoq-surrogate": surrogate_figure(done), "paretoq-bits": self.bits_figure(done)}
         for graph_id, fig in figures.items():

@@ -48,12 +48,14 @@ def front_dict(state) -> dict:
     return study_front(state.study, state.baselines, state.config.budget, getattr(state, "held_out", None))
 
 
-def study_front(study: optuna.Study, baselines: dict[str, int], budget: float, held_out: dict | None = None) -> dict:
+def study_front(study: optuna.Study, baselines: dict[str, int], budget: float, held_out: dict | None = None,
+                done: list[optuna.trial.FrozenTrial] | None = None) -> dict:
     """``front.json``'s content: the verified front of all trials, the front of the search's own
     (non-baseline) trials, and each baseline (name -> trial number) as points, each with its
-    held-out ``kl_test`` where it was re-measured."""
+    held-out ``kl_test`` where it was re-measured. ``done``: the completed trials to summarise (a
+    caller that draws them too passes its own snapshot: other workers keep completing trials)."""
     held_out = held_out or {}
-    done = completed(study)
+    done = completed(study) if done is None else done
     trials = {t.number: t for t in done}
 
     def point(t):

@@ -534,7 +534,7 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
     evaluations["verified trials"] = ev.evaluations - before
     timings["verified trials"] = time.time() - t
     done = report.completed(study)
-    names = pub.baseline_trials()
+    names = pub.baseline_trials(done)
     feasible = [t for t in done if t.user_attrs.get("feasible")]
     best = min(feasible, key=lambda t: t.values[0]) if feasible else None
     held_out: dict[int, dict] = {}
