@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -315,7 +316,26 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="recompute every cache entry (capture, quant cache, reference) and overwrite it")
 
 
+# Code that an exception raised from a signal handler may leave half done with a database lock held
+# (a pooled SQLite connection that never rolled back keeps the write lock, and the failed trial's own
+# record then waits for it and fails "database is locked"): an interrupt waits until the call is out.
+_DATABASE_MODULES = ("sqlalchemy.", "optuna.storages.", "sqlite3.", "psycopg2.")
+
+
+def _in_database_call(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_DATABASE_MODULES):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _interrupt(signum, frame):
+    """Ctrl-C and SIGTERM: raise KeyboardInterrupt, but never inside a database call (a few
+    milliseconds): there, send the signal again a moment later."""
+    if _in_database_call(frame):
+        threading.Timer(0.02, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt
 
 
@@ -474,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # SIGTERM (a scheduler, `kill`, a container stop) ends a command as Ctrl-C does: cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
