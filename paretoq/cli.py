@@ -17,7 +17,7 @@ from pathlib import Path
 
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
-from paretoq.quant.quantizer import BITS
+from paretoq.quant import BITS
 from paretoq.storage import HEARTBEAT_SECONDS
 
 

@@ -16,10 +16,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from paretoq.errors import ParetoqError
+
+if TYPE_CHECKING:  # torch is imported where tokens are made: the CLI reads this module's defaults at start-up
+    import torch
 
 DEMO = "demo"
 DEFAULT_CALIB_TOKENS = 16_384
@@ -99,6 +101,8 @@ def _read(path: Path) -> list[str]:
 
 
 def token_stream(tokenizer, docs: list[str]) -> torch.Tensor:
+    import torch
+
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for doc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
@@ -122,6 +126,8 @@ def load_token_sets(
     ``documents``: the text of ``source`` when the caller already read it (to fail fast on a bad
     file before loading a model), so it is not read twice.
     """
+    import torch
+
     if tokenizer is None:
         raise ParetoqError("the model directory has no tokenizer; save one beside the model (tokenizer.json)")
     for name, value in (("calib-tokens", calib_tokens), ("eval-tokens", eval_tokens), ("seq-len", seq_len)):

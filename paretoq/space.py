@@ -22,9 +22,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from typing import TYPE_CHECKING
+
 from paretoq.errors import ParetoqError
-from paretoq.models import Adapter
-from paretoq.quant.quantizer import BITS
+from paretoq.quant import BITS
+
+if TYPE_CHECKING:
+    from paretoq.models import Adapter
 
 GRANULARITIES = ("component", "expert", "layer-experts", "layer-projection")
 SEARCHED_KINDS = ("attn", "dense", "shared", "expert")

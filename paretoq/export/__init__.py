@@ -2,11 +2,19 @@
 
 One module per format (``gptqmodel``, ``llmcompressor``, ``llamacpp``, ``exl3``, ``flat``), the
 targets and their limits in ``targets``, coarsening in ``collapse``, and ``export()`` in ``run``.
+
+The names below are imported on first use: the CLI reads the targets' names when it starts, and
+must not pay for torch and transformers to answer ``--help`` or a bad argument.
 """
 
-from paretoq.export.collapse import collapse
-from paretoq.export.run import FORMATS, ExportResult, export
-from paretoq.export.targets import TARGETS, Target, check_servable, get_target, target_space
+import importlib
 
-__all__ = ["FORMATS", "TARGETS", "ExportResult", "Target", "check_servable", "collapse", "export", "get_target",
-           "target_space"]
+_WHERE = {"FORMATS": "run", "ExportResult": "run", "export": "run", "TARGETS": "targets", "Target": "targets",
+          "check_servable": "targets", "get_target": "targets", "target_space": "targets"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"paretoq.export.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'paretoq.export' has no attribute {name!r}")

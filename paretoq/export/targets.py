@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from paretoq.errors import ParetoqError
-from paretoq.models import Adapter, Component
-from paretoq.plan import Plan
-from paretoq.quant.quantizer import BITS
+from paretoq.quant import BITS
 from paretoq.space import GRANULARITIES, SearchSpace
+
+if TYPE_CHECKING:  # the CLI imports this module at start-up: no torch, no transformers
+    from paretoq.models import Adapter, Component
+    from paretoq.plan import Plan
 
 ALL_BITS = {k: BITS for k in ("attn", "dense", "shared", "expert")}
 # Coarser granularities tie more: each entry lists the granularities it implies.

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from paretoq.errors import ParetoqError
+from paretoq.quant import BITS  # noqa: F401  (re-exported)
 
-BITS = (2, 3, 4, 8)
 GROUP_SIZES = (256, 128, 64, 32)  # the group sizes GPTQ kernels and formats commonly serve, offered on a bad one
 GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
 GRID_STEPS = 100  # shrink factors 1, 0.99, ..., 0.21: the reference quantizer's MSE grid (grid=100, maxshrink=.8)
