@@ -372,7 +372,6 @@ def open_model(name_or_path: str | Path = "demo", dtype: str | torch.dtype | Non
     from transformers import AutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()
-    return_freed_memory()
     device = resolve_device(device)
     path = resolve_model_dir(name_or_path)
     config = read_config(path, trust_remote_code)
@@ -389,4 +388,7 @@ def open_model(name_or_path: str | Path = "demo", dtype: str | torch.dtype | Non
     cap = parse_size(max_memory)
     if cap is None:
         cap = int(available_memory(device) * RESIDENT_SHARE)
-    return StreamedModel(loaded, reader, dtype, device, resident=weight_bytes(loaded, dtype) <= cap)
+    resident = weight_bytes(loaded, dtype) <= cap
+    if not resident:  # a resident model frees nothing; there the fixed threshold only costs page faults
+        return_freed_memory()
+    return StreamedModel(loaded, reader, dtype, device, resident=resident)
