@@ -20,7 +20,6 @@ that lacks some (another width, another eval part) walks once and computes only 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -33,7 +32,8 @@ from tqdm import tqdm
 from paretoq.cache import (CorruptEntry, atomic_write_text, cache_root, digest, load_checked_entry,
                            load_checked_tensors, load_entry, model_fingerprint, read_checked_json,
                            save_checked_tensors, write_checked_json)
-from paretoq.capture import DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing, _Recorder
+from paretoq.capture import (DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing,
+                             block_positions, capture_layer, capture_meta)
 from paretoq.data import TokenSet
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import DEFAULT_MAX_BYTES, DiskLogprobs, Reference
@@ -230,18 +230,13 @@ def prepare(
     if cache is not None:
         cache.load_losses(widths)
         if not sm.resident:  # streaming: hold one layer's entries at every width, never the whole model's
-            per_layer: dict[int, int] = {}
-            for c in adapter.components:
-                per_layer[c.layer] = per_layer.get(c.layer, 0) + c.params
-            cache.max_bytes = int(max(per_layer.values()) * len(widths) * 1.25)  # codes + scales and zeros
+            cache.max_bytes = int(max(adapter.params_by_layer().values()) * len(widths) * 1.25)  # codes, scales
     return Prepared(sm, key, feats, cache, refs, walked, time.time() - started)
 
 
 def _check_disk(sm: StreamedModel, todo_quant, ref_parts: dict[str, TokenSet], settings) -> None:
     """Refuse, before the walk, caches that the disk under the cache root cannot hold."""
-    params = {}
-    for c in sm.adapter.components:
-        params[c.layer] = params.get(c.layer, 0) + c.params
+    params = sm.adapter.params_by_layer()
     group = settings.group_size if settings is not None and settings.group_size > 0 else 128
     need = sum(params.get(layer, 0) * (b / 8 + 8 / group) for layer, b in todo_quant)  # codes + fp32 scale, zero
     need += sum(part.input_ids.numel() * sm.model.config.vocab_size * 4 for part in ref_parts.values())
@@ -264,39 +259,23 @@ def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_captu
     eval_h = {name: sm.embed(part.input_ids, batch_size) for name, part in ref_parts.items()}
     eval_shapes = {name: [tuple(part.input_ids[s : s + batch_size].shape)
                           for s in range(0, part.input_ids.shape[0], batch_size)] for name, part in ref_parts.items()}
-    total = ids.numel()
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
+    positions = block_positions(ids.numel(), block_samples, seed)
     if todo_capture:
         cap_dir.mkdir(parents=True, exist_ok=True)
         save_checked_tensors(cap_dir / "tokens.safetensors", {"token_ids": ids.flatten().contiguous()})
-        atomic_write_text(cap_dir / "meta.json", json.dumps(
-            {"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": total,
-             "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed}))
+        atomic_write_text(cap_dir / "meta.json", json.dumps(capture_meta(calib, positions, seed)))
     for i in tqdm(range(n), desc="calibration walk", unit="layer", disable=not progress):
         widths = sorted(b for (layer, b) in todo_quant if layer == i)
         with sm.layer(i) as layer:
-            if need_hooks:
-                rec = _Recorder(adapter, positions, hessians=bool(widths))  # a probe needs no Hessian
-                rec.attach({i}, stop=False)
-                try:
-                    for j, (x, shape) in enumerate(zip(calib_h, calib_shapes)):
-                        rec.start_batch(math.prod(shape))
-                        calib_h[j] = sm.run(i, layer, x, shape)
-                        rec.end_batch(math.prod(shape))
-                finally:
-                    rec.detach()
-                cap = Capture(ids.flatten(), {lay: Routing(torch.cat([a for a, _ in r]), torch.cat([w for _, w in r]))
-                                              for lay, r in rec.routing.items()},
-                              rec.hessians, rec.site, rec.tokens,
-                              {lay: BlockStates(torch.cat(rec.block_in[lay]), torch.cat(rec.block_out[lay]))
-                               for lay in rec.block_in})
+            if need_hooks:  # a probe needs no Hessian
+                cap = capture_layer(sm, i, layer, calib_h, calib_shapes, positions, ids.flatten(),
+                                    hessians=bool(widths), update=True)
                 keys = [c.key for c in adapter.components if c.layer == i]
                 for b in widths:
                     cache.write(i, b, quantize_components(adapter, cap, dict.fromkeys(keys, b), cache.settings))
                 if todo_capture:
                     _save_light_capture(cap_dir, i, cap, outlier_scores(adapter, layer=i))
-                del cap, rec  # the Hessians go with them
+                del cap  # the Hessians go with it
             for name in ref_parts:
                 eval_h[name] = [sm.run(i, layer, x, shape) for x, shape in zip(eval_h[name], eval_shapes[name])]
     vocab = sm.model.config.vocab_size

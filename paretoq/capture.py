@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,6 +259,16 @@ class _Recorder:
             h.remove()
         self.handles.clear()
 
+    def result(self, token_ids: torch.Tensor) -> Capture:
+        """What the hooks accumulated, as a capture (the Hessians where they were computed)."""
+        return Capture(
+            token_ids=token_ids,
+            routing={layer: Routing(torch.cat([i for i, _ in parts]), torch.cat([w for _, w in parts]))
+                     for layer, parts in self.routing.items()},
+            hessians=self.hessians, site=self.site, tokens=self.tokens,
+            blocks={layer: BlockStates(torch.cat(self.block_in[layer]), torch.cat(self.block_out[layer]))
+                    for layer in self.block_in})
+
 
 @torch.no_grad()
 def capture(
@@ -277,9 +288,7 @@ def capture(
     model = adapter.model
     device = next(model.parameters()).device
     ids = calib.input_ids
-    total = ids.numel()
-    g = torch.Generator().manual_seed(seed)
-    positions = torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
+    positions = block_positions(ids.numel(), block_samples, seed)
     rec = _Recorder(adapter, positions)
     rec.attach(layers)
     try:
@@ -293,22 +302,43 @@ def capture(
             rec.end_batch(batch.numel())
     finally:
         rec.detach()
-    return Capture(
-        token_ids=ids.flatten().clone(),
-        routing={
-            layer: Routing(torch.cat([i for i, _ in parts]), torch.cat([w for _, w in parts]))
-            for layer, parts in rec.routing.items()
-        },
-        hessians={k: v.cpu() for k, v in rec.hessians.items()},
-        site=rec.site,
-        tokens=rec.tokens,
-        blocks={
-            layer: BlockStates(torch.cat(rec.block_in[layer]), torch.cat(rec.block_out[layer]))
-            for layer in rec.block_in
-        },
-        meta={"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": total,
-              "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed},
-    )
+    cap = rec.result(ids.flatten().clone())
+    cap.hessians = {k: v.cpu() for k, v in cap.hessians.items()}
+    cap.meta = capture_meta(calib, positions, seed)
+    return cap
+
+
+def block_positions(total: int, block_samples: int, seed: int) -> torch.Tensor:
+    """The flat calibration-token positions whose MLP-sublayer states are sampled, sorted."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(total, generator=g)[: min(block_samples, total)].sort().values
+
+
+def capture_meta(calib: TokenSet, positions: torch.Tensor, seed: int) -> dict:
+    return {"calib": calib.source, "calib_fingerprint": calib.fingerprint(), "num_tokens": calib.input_ids.numel(),
+            "seq_len": calib.seq_len, "block_samples": int(positions.numel()), "seed": seed}
+
+
+@torch.no_grad()
+def capture_layer(sm, i: int, layer, hidden: list[torch.Tensor], shapes: list[tuple], positions: torch.Tensor,
+                  token_ids: torch.Tensor, hessians: bool = True, update: bool = False) -> Capture:
+    """Run decoder layer ``i`` of a streamed model (`paretoq.walk.StreamedModel`) over the
+    calibration batches ``hidden`` with the hooks attached, and return its capture. ``update``:
+    replace each batch by the layer's output as it goes (the walk's next inputs, never two copies
+    of the activations); otherwise the outputs are dropped (the caller changes the layer first)."""
+    rec = _Recorder(sm.adapter, positions, hessians=hessians)
+    rec.attach({i}, stop=False)
+    try:
+        for j, (x, shape) in enumerate(zip(hidden, shapes)):
+            tokens = math.prod(shape)
+            rec.start_batch(tokens)
+            y = sm.run(i, layer, x, shape)
+            if update:
+                hidden[j] = y
+            rec.end_batch(tokens)
+    finally:
+        rec.detach()
+    return rec.result(token_ids)
 
 
 def capture_key(loaded, calib: TokenSet, block_samples: int = DEFAULT_BLOCK_SAMPLES, seed: int = 0) -> str:

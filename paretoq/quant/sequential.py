@@ -13,7 +13,6 @@ of the checkpoint and the layer is freed: memory is one layer plus the activatio
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from paretoq.cache import atomic_directory, check_writable_dir
-from paretoq.capture import DEFAULT_BATCH_SIZE, Capture, _Recorder, capture
+from paretoq.capture import DEFAULT_BATCH_SIZE, capture, capture_layer
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter
@@ -73,18 +72,9 @@ def _walk_quantize(sm: StreamedModel, plan: Plan, calib: TokenSet, writer: Check
         with sm.layer(i) as layer:
             q = QuantizedComponents()
             if bits:
-                rec = _Recorder(adapter, torch.zeros(0, dtype=torch.long))
-                rec.attach({i}, stop=False)
-                try:
-                    for x, shape in zip(hidden, shapes):
-                        rec.start_batch(math.prod(shape))
-                        sm.run(i, layer, x, shape)
-                        rec.end_batch(math.prod(shape))
-                finally:
-                    rec.detach()
-                cap = Capture(ids.flatten(), {}, rec.hessians, rec.site, rec.tokens, {})
+                cap = capture_layer(sm, i, layer, hidden, shapes, torch.zeros(0, dtype=torch.long), ids.flatten())
                 q = quantize_components(adapter, cap, bits, plan.quant)
-                del cap, rec
+                del cap
                 for key, t in q.tensors.items():
                     adapter.set_weight(key, t.dequantize())
             hidden = [sm.run(i, layer, x, shape) for x, shape in zip(hidden, shapes)]
