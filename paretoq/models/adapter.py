@@ -232,6 +232,13 @@ class Adapter:
             out[c.kind] = out.get(c.kind, 0) + c.params
         return out
 
+    def params_by_layer(self) -> dict[int, int]:
+        """Decoder layer -> parameters of its components (the unit the layer walk holds at once)."""
+        out: dict[int, int] = {}
+        for c in self.components:
+            out[c.layer] = out.get(c.layer, 0) + c.params
+        return out
+
     @property
     def num_layers(self) -> int:
         return len(self.layers)
