@@ -47,13 +47,12 @@ from tqdm import tqdm
 from paretoq import baselines as bl
 from paretoq import dashboard, report
 from paretoq.calibrate import prepare
-from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets,
-                          read_documents)
+from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, TokenSets,
+                          load_token_sets, read_documents)
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.targets import target_space
-from paretoq.models import Adapter, load_model
-from paretoq.models.files import check_weight_files
+from paretoq.models import Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
@@ -63,7 +62,7 @@ from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
 from paretoq.space import (Group, SearchSpace, component_bits, decode_genome, encode_genome, load_space, make_groups,
                            min_max_bits, restrict_bits)
 from paretoq.surrogate import Surrogate, Tables, build_tables, kendall_tau
-from paretoq.walk import open_model
+from paretoq.walk import StreamedModel, open_model
 
 MODES = ("surrogate", "local", "nsga2", "random")  # local: trust-region exchanges ranked by the sensitivities alone
 SURROGATE_SHARE = 0.7  # of each round; the rest is NSGA-II's children of the verified plans
@@ -120,7 +119,7 @@ class Prepared:
     settings: QuantSettings
     loss: dict[tuple[str, int], float]  # GPTQ's loss of each (component key, bits)
     usage: dict[str, float]  # component key -> routing usage (1 outside routed experts)
-    evaluator: object  # paretoq.evaluate.PlanEvaluator, or anything with its interface
+    evaluator: object  # paretoq.evaluate.StreamedEvaluator, or anything with its interface
     features: object | None = None  # probes.features.Features: the seed heuristics need them
     cache_key: str | None = None  # what the sensitivities depend on (None: not cached on disk)
 
@@ -238,8 +237,9 @@ def _kendall_taus(done) -> list[tuple[str, float]]:
     return taus
 
 
-def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group]]:
-    """Everything that can be checked before the long work: from shapes alone, no weight read."""
+def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, StreamedModel]:
+    """Everything that can be checked before the long work: from shapes alone, no weight read.
+    The model is opened here (a skeleton on meta over its checked shards) and streamed later."""
     check_budget(cfg.budget)
     if cfg.mode not in MODES:
         raise ParetoqError(f"unknown search mode {cfg.mode!r}; use one of {', '.join(MODES)}")
@@ -255,17 +255,18 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group]]:
     space = restrict_bits(load_space(cfg.space), cfg.bits)
     space = target_space(space, cfg.target, cfg.budget)
     docs = read_documents(cfg.calib)
-    meta = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, weights=False)
-    check_weight_files(meta.path)  # missing or truncated shards: before the study is created
-    groups = make_groups(meta.adapter, space)
+    # Missing or truncated shards, a bad --dtype or --device: before the study is created.
+    sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
+                    trust_remote_code=cfg.trust_remote_code)
+    groups = make_groups(sm.adapter, space)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")
-    sets = load_token_sets(meta.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
+    sets = load_token_sets(sm.loaded.tokenizer, cfg.calib, cfg.calib_tokens, cfg.eval_tokens, cfg.seq_len, cfg.seed,
                            documents=docs)
-    return space, groups, sets
+    return space, groups, sets, sm
 
 
 def split_windows(eval_set: TokenSet, sensitivity_windows: int) -> dict[str, TokenSet]:
@@ -278,12 +279,10 @@ def split_windows(eval_set: TokenSet, sensitivity_windows: int) -> dict[str, Tok
             "sens": TokenSet(select.input_ids[: max(1, min(sensitivity_windows, len(select.input_ids)))], eval_set.source)}
 
 
-def _prepare(cfg: SearchConfig, groups: list[Group], sets) -> Prepared:
-    """The one place that opens the model and builds the capture, probes, quant cache, references and
-    evaluator: one walk over the layers (`paretoq.calibrate`), each entry cached on disk, from the
-    token sets ``_check`` made (``data.TokenSets``)."""
-    sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
-                    trust_remote_code=cfg.trust_remote_code)
+def _prepare(cfg: SearchConfig, groups: list[Group], sets: TokenSets, sm: StreamedModel) -> Prepared:
+    """The one place that builds the capture, probes, quant cache, references and evaluator: one
+    walk over the layers (`paretoq.calibrate`), each entry cached on disk, from the model and the
+    token sets ``_check`` opened."""
     settings = QuantSettings()
     parts = split_windows(sets.eval, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
     widths = tuple(sorted({b for g in groups for b in g.choices}))
@@ -300,7 +299,7 @@ def _prepare(cfg: SearchConfig, groups: list[Group], sets) -> Prepared:
 
 def run_search(cfg: SearchConfig) -> SearchState:
     started = time.time()
-    space, groups, sets = _check(cfg)
+    space, groups, sets, sm = _check(cfg)
     name = cfg.study or default_study_name(cfg.model, cfg.budget)
     out = Path(cfg.out) if cfg.out else Path("studies") / name
     if not cfg.worker:
@@ -309,7 +308,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     if cfg.jobs > 1:  # share the cores with the other workers of this machine (this one included)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
     t = time.time()
-    prep = _prepare(cfg, groups, sets)
+    prep = _prepare(cfg, groups, sets, sm)
     timings = {"setup (capture, probes, quant cache)": time.time() - t}
     return search(cfg, groups, prep, storage, space_name=space.name, started=started, timings=timings)
 

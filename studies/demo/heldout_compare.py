@@ -14,8 +14,8 @@ from paretoq.search import SearchConfig, _check, _prepare
 
 def main(paths: list[str]) -> int:
     cfg = SearchConfig(budget=3.0, progress=False)
-    _, groups, sets = _check(cfg)
-    prep = _prepare(cfg, groups, sets)
+    _, groups, sets, sm = _check(cfg)
+    prep = _prepare(cfg, groups, sets, sm)
     print("| plan | avg bits | KL (select) | KL (held out) |")
     print("| --- | --- | --- | --- |")
     for path in paths:
