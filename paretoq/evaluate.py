@@ -2,10 +2,13 @@
 
 The search's objective is the mean per-token ``KL(p_fp || p_q)`` of the next-token distributions
 on held-out eval tokens; perplexity and top-1 agreement are recorded beside it. The fp model's
-side (the *reference*) is computed once per (model, eval set) and cached on disk.
+side (the *reference*) is computed once per (model, eval set) in the calibration walk
+(`paretoq.calibrate`) and cached on disk: exact fp log-probabilities, in memory while they fit in
+``max_bytes`` (default 1 GiB: the demo needs 134 MB), else read back one batch file at a time
+(`DiskLogprobs`).
 
-Memory: the reference keeps the full fp log-probabilities (``tokens x vocab`` float32) while they
-fit in ``max_bytes`` (default 1 GiB: the demo needs 134 MB). Beyond that it keeps, per token, the
+`compute_reference` and `evaluate` are the same measurement on a model held whole in memory (the
+tests' reference for the streamed path). Beyond ``max_bytes`` that reference keeps, per token, the
 fp top-``k`` log-probs and the tail mass ``1 - sum(top-k p)``, and KL is computed between the two
 distributions coarsened to those ``k + 1`` outcomes. That is a lower bound on the true KL (data
 processing inequality); the gap is exactly ``sum_t p_tail,t * KL(p(.|tail_t) || q(.|tail_t))``,
@@ -22,11 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load_file
 
-from paretoq.cache import atomic_write, cache_root, digest, model_fingerprint
 from paretoq.data import TokenSet
-from paretoq.models import Adapter, LoadedModel
+from paretoq.models import Adapter
 
 DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_TOP_K = 256
@@ -116,30 +118,13 @@ def compute_reference(model, eval_set: TokenSet, max_bytes: int = DEFAULT_MAX_BY
                      cat["tail"])
 
 
-def cached_reference(loaded: LoadedModel, eval_set: TokenSet, max_bytes: int = DEFAULT_MAX_BYTES,
-                     top_k: int = DEFAULT_TOP_K, use_cache: bool = True) -> Reference:
-    """The reference from the cache, or computed (from the model's current, full-precision weights)."""
-    dtype = str(next(loaded.model.parameters()).dtype)
-    key = digest("reference", model_fingerprint(loaded.path), eval_set.fingerprint(), dtype, max_bytes, top_k)
-    path = cache_root() / "reference" / f"{key}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            return Reference.from_tensors(load(path.read_bytes()))
-        except Exception:  # damaged entry: recompute and overwrite
-            pass
-    ref = compute_reference(loaded.model, eval_set, max_bytes, top_k)
-    if use_cache:
-        tensors = ref.tensors()
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
-    return ref
-
-
 def _kl_batch(ref: Reference, rows: slice, lq: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch's positions of KL(p || q)."""
+    """Sum over the batch's positions of KL(p || q), on ``lq``'s device."""
     if ref.exact:
-        lp = ref.logprobs[rows]
+        lp = ref.logprobs[rows].to(lq.device)
         return (lp.exp() * (lp - lq)).sum()
-    idx, lp, tail = ref.topk_index[rows].long(), ref.topk_logp[rows], ref.tail_logp[rows]
+    d = lq.device
+    idx, lp, tail = ref.topk_index[rows].long().to(d), ref.topk_logp[rows].to(d), ref.tail_logp[rows].to(d)
     lq_top = lq.gather(-1, idx)
     lq_tail = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
     return (lp.exp() * (lp - lq_top)).sum() + (tail.exp() * (tail - lq_tail)).sum()
@@ -148,15 +133,16 @@ def _kl_batch(ref: Reference, rows: slice, lq: torch.Tensor) -> torch.Tensor:
 def evaluate(model, ref: Reference, batch_size: int = DEFAULT_BATCH_SIZE) -> EvalResult:
     """KL to the reference, perplexity and top-1 agreement of ``model`` on the reference's tokens."""
     ids = ref.input_ids
-    kl = nll = agree = 0.0
+    sums = [0.0, 0.0, 0.0]
     for start in range(0, ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
-        batch = ids[rows]
-        lq = _logprobs(model, batch)
-        kl += _kl_batch(ref, rows, lq).item()
-        nll -= lq.gather(-1, batch[:, 1:, None]).sum().item()
-        agree += (lq.argmax(-1) == ref.argmax[rows]).sum().item()
-    n = ids[:, 1:].numel()
+        sums = [t + x for t, x in zip(sums, _metrics_batch(ref, rows, _logprobs(model, ids[rows]), ids[rows]))]
+    return _result(ref, *sums)
+
+
+def _result(ref: Reference, kl: float, nll: float, agree: float) -> EvalResult:
+    """The metrics from their sums over the reference's predicted positions."""
+    n = ref.input_ids[:, 1:].numel()
     return EvalResult(kl=max(kl / n, 0.0), ppl=math.exp(nll / n), ppl_fp=ref.ppl, agreement=agree / n, tokens=n,
                       exact_kl=ref.exact)
 
@@ -188,37 +174,6 @@ class Assembler:
                     self.adapter.set_weight(key, self._originals[key])
 
 
-class PlanEvaluator:
-    """Evaluates plans (component key -> bits) against the fp model on named parts of the eval windows.
-
-    This is the one door through which the search, the sensitivity pass and the baselines measure a
-    plan: ``evaluate(bits, part)`` gives the KL, perplexity and agreement of the model with those
-    components at those widths (from ``weight_of``), the rest in full precision. ``parts`` names
-    disjoint window sets, e.g. ``{"select": ..., "test": ...}``: the search selects on one and
-    reports on the other. Each part's fp reference is computed once, on first use.
-    """
-
-    def __init__(self, loaded: LoadedModel, weight_of, parts: dict[str, TokenSet], use_cache: bool = True):
-        self.loaded = loaded
-        self.parts = parts
-        self.use_cache = use_cache
-        self._assembler = Assembler(loaded.adapter, weight_of)
-        self._refs: dict[str, Reference] = {}
-        self.evaluations = 0  # plans evaluated so far, for cost accounting
-
-    def reference(self, part: str) -> Reference:
-        if part not in self._refs:
-            self._refs[part] = cached_reference(self.loaded, self.parts[part], use_cache=self.use_cache)
-        return self._refs[part]
-
-    def evaluate(self, bits: dict[str, int], part: str) -> EvalResult:
-        ref = self.reference(part)
-        with self._assembler.apply(bits):
-            result = evaluate(self.loaded.model, ref)
-        self.evaluations += 1
-        return result
-
-
 class DiskLogprobs:
     """Exact fp log-probs ``[N, T-1, V]`` stored one batch of windows per file and read batch by batch
     (Qwen3's 151,936-token vocabulary makes 8,192 eval tokens 5 GB in float32)."""
@@ -240,19 +195,24 @@ class DiskLogprobs:
 
 def _metrics_batch(ref: Reference, rows: slice, lq: torch.Tensor, batch: torch.Tensor) -> tuple[float, float, int]:
     """(sum of KL, sum of NLL, top-1 agreements) over one batch; the reference's rows go to ``lq``'s device."""
-    if ref.exact:
-        lp = ref.logprobs[rows].to(lq.device)
-        kl = (lp.exp() * (lp - lq)).sum().item()
-    else:
-        kl = _kl_batch(ref, rows, lq.cpu()).item()
+    kl = _kl_batch(ref, rows, lq).item()
     nll = -lq.gather(-1, batch[:, 1:, None].to(lq.device)).sum().item()
     agree = (lq.argmax(-1).cpu() == ref.argmax[rows]).sum().item()
     return kl, nll, agree
 
 
-class StreamedEvaluator(PlanEvaluator):
-    """`PlanEvaluator` over the layer walk: a plan is measured by walking the layers over a part's
-    eval windows, each layer's components at the plan's widths from the quant cache.
+class StreamedEvaluator:
+    """Evaluates plans (component key -> bits) against the fp model on named parts of the eval windows.
+
+    This is the one door through which the search, the sensitivity pass, the baselines and `paretoq
+    eval` measure a plan: ``evaluate(bits, part)`` gives the KL, perplexity and agreement of the
+    model with those components at those widths (from ``weight_of``, e.g. `QuantCache.weight`), the
+    rest in full precision. ``parts`` names disjoint window sets, e.g. ``{"select": ..., "test":
+    ...}``: the search selects on one and reports on the other; ``references`` holds each part's fp
+    reference (`paretoq.calibrate.prepare` computes them in its walk).
+
+    A plan is measured by walking the layers over a part's eval windows, each layer's components at
+    the plan's widths.
 
     The inputs of every layer under the last plan evaluated on a part are kept (on the device), so
     a plan that agrees with it on layers ``0..L-1`` starts at layer ``L``: a local proposal that
@@ -309,15 +269,12 @@ class StreamedEvaluator(PlanEvaluator):
             inputs.append(h)
             self.layers_run += 1
         self._prefix[part] = (sigs, inputs)
-        kl = nll = agree = 0.0
+        sums = [0.0, 0.0, 0.0]
         for j, x in enumerate(h):
             rows = slice(j * bs, j * bs + shapes[j][0])
-            k, l_, a = _metrics_batch(ref, rows, sm.logprobs(x), ids[rows])
-            kl, nll, agree = kl + k, nll + l_, agree + a
+            sums = [t + v for t, v in zip(sums, _metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))]
         self.evaluations += 1
-        tokens = ids[:, 1:].numel()
-        return EvalResult(kl=max(kl / tokens, 0.0), ppl=math.exp(nll / tokens), ppl_fp=ref.ppl,
-                          agreement=agree / tokens, tokens=tokens, exact_kl=ref.exact)
+        return _result(ref, *sums)
 
 
 def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,

@@ -15,14 +15,14 @@ from paretoq.capture import cached_capture
 from paretoq.probes.run import cached_features
 from paretoq.quant.cache import QuantCache
 from paretoq.quant.quantizer import QuantSettings
-from paretoq.evaluate import Assembler, cached_reference, compute_reference, evaluate
+from paretoq.evaluate import Assembler, compute_reference, evaluate
 from paretoq.space import component_bits, load_space, make_groups
 from paretoq.probes.sensitivity import measure_sensitivity
 from paretoq import baselines as bl
 fp = load_model("demo"); sets = load_token_sets(fp.tokenizer, "demo")
 cap, key, _ = cached_capture(fp, sets.calib, progress=False)
 cache = QuantCache(fp.adapter, cap, key, QuantSettings()); cache.fill(progress=False)
-ref = cached_reference(fp, sets.eval)
+ref = compute_reference(fp.model, sets.eval)
 sub = TokenSet(sets.eval.input_ids[:8], "sub"); sref = compute_reference(fp.model, sub)
 asm = Assembler(fp.adapter, cache.weight)
 groups = make_groups(fp.adapter, load_space("default"))
