@@ -181,6 +181,8 @@ def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
     args += ["--dtype", cfg.dtype] if cfg.dtype else []
     args += ["--max-memory", str(cfg.max_memory)] if cfg.max_memory is not None else []
     args += ["--target", cfg.target] if cfg.target else []
+    args += ["--out", str(cfg.out)] if cfg.out else []  # where the dashboard's artifacts go, as this worker's
+    args += ["--no-cache"] if not cfg.use_cache else []
     return [subprocess.Popen(args, stdout=subprocess.DEVNULL) for _ in range(cfg.jobs - 1)]
 
 
