@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE))
 from make_model import make_model  # noqa: E402
 
 SHAPE = dict(hidden=512, experts=64, expert_size=256, top_k=8, heads=8, kv_heads=2, head_dim=64)
-TOKENS = ["--calib-tokens", "512", "--eval-tokens", "256", "--seq-len", "64", "--dtype", "float32",
-          "--max-memory", "0"]
+TOKENS = ["--calib-tokens", "512", "--eval-tokens", "256", "--seq-len", "64", "--quiet", "--dtype", "float32",
+          "--max-memory", "0"]  # --max-memory last: run_stage drops it for a resident run
 STAGES = {
     "probe": lambda d, out: ["probe", "--model", d, "--out", str(out / "probe")],
     "search": lambda d, out: ["search", "--model", d, "--budget", "3", "--trials", "4", "--space", "layer-experts",
@@ -48,12 +48,14 @@ def layer_bytes(path: Path) -> int:
     return params * 4
 
 
-def run_stage(stage: str, model: Path, work: Path) -> dict:
-    """Run one stage in a fresh process with an empty cache; its exit code, seconds and peak RSS."""
+def run_stage(stage: str, model: Path, work: Path, streamed: bool = True, stages: dict = STAGES) -> dict:
+    """Run one stage (of ``stages``) in a fresh process, with the cache under ``work`` (empty the
+    first time); its exit code, seconds and peak RSS. ``streamed=False`` lets the model stay resident."""
     work.mkdir(parents=True, exist_ok=True)
     env = {**{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
            "PARETOQ_CACHE": str(work / "cache"), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(HERE / "peak.py"), "--", *STAGES[stage](str(model), work), *TOKENS],
+    tokens = TOKENS if streamed else TOKENS[: TOKENS.index("--max-memory")]
+    r = subprocess.run([sys.executable, str(HERE / "peak.py"), "--", *stages[stage](str(model), work), *tokens],
                        capture_output=True, text=True, env=env, cwd=work, timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(f"{stage} on {model} failed:\n{r.stderr[-2000:]}")
