@@ -4,7 +4,7 @@ A first call never autotunes (that would cost seconds per shape in a user's firs
 order of lookup for a (kernel, bits, M bucket, N, K) key is:
 
 1. ``$PARETOQ_CACHE/kernels/<device>.json``, written by ``paretoq bench --tune`` on the user's GPU;
-2. ``kernels/tuned.json``, shipped with paretoq, one table per device name (H100, H200);
+2. ``paretoq/kernels/tuned.json``, shipped with paretoq, one table per device name (H100, H200);
 3. the heuristic below, which follows the kernel's design: M = 1 streams few rows per program
    with the broadcast-and-sum path so that even the 4096-row down projection launches hundreds of
    programs; M = 2..16 pads to one 16-row tensor-core tile (same bytes, so M = 16 costs about what
