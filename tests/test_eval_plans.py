@@ -20,14 +20,17 @@ def test_kl_orders_uniform_widths(tiny_search_model_dir, capsys):
         assert set(r) >= {"avg_bits", "kl", "ppl", "ppl_fp", "agreement"}
 
 
-def test_minimal_plan_file_and_the_table(tmp_path, capsys):
+def test_minimal_plan_file_and_the_table(tiny_search_model_dir, tmp_path, capsys):
+    expert = next(c.key for c in load_model(str(tiny_search_model_dir), weights=False).adapter.components
+                  if c.kind == "expert" and c.layer == 2)
     plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"format": "paretoq.plan/1", "bits": {"model.layers.2.mlp.experts.3.down_proj": 2}}))
-    assert main(["eval", "--plan", str(plan), "--json"]) == 0
+    plan.write_text(json.dumps({"format": "paretoq.plan/1", "bits": {expert: 2}}))
+    tiny = ["--model", str(tiny_search_model_dir), "--calib-tokens", "1024", "--eval-tokens", "1024", "--seq-len", "64"]
+    assert main(["eval", "--plan", str(plan), "--json", *tiny]) == 0
     r = json.loads(capsys.readouterr().out)
     # avg_bits is over the whole model: the other components stay in full precision
     assert 16 < r["avg_bits"] < 32 and r["kl"] > 0 and r["ppl_fp"] > 0 and 0.9 < r["agreement"] < 1
-    assert main(["eval", "--plan", str(plan)]) == 0
+    assert main(["eval", "--plan", str(plan), *tiny]) == 0
     out = capsys.readouterr().out
     assert "full precision" in out and "plan.json" in out
 
