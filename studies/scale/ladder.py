@@ -76,17 +76,16 @@ def main() -> None:
         one = layer_bytes(models[depths[0]])
         print(f"shape {shape}; one layer {one / 2**20:.0f} MiB (float32)")
         print(f"{'stage':9s} " + " ".join(f"{n:>3d} layers: s, peak MiB" for n in depths) + "  growth (layers)")
-        for stage in a.stages.split(","):
-            res = {n: run_stage(stage, models[n], Path(tmp) / f"work{n}") for n in depths}  # one cache per depth
+
+        def row(name: str, res: dict[int, dict]) -> None:
             cells = " ".join(f"{res[n]['seconds']:>13.1f} {res[n]['peak_rss_bytes'] / 2**20:>9.0f}" for n in depths)
             growth = (res[depths[-1]]["peak_rss_bytes"] - res[depths[0]]["peak_rss_bytes"]) / one
-            print(f"{stage:9s} {cells}  {growth:+.2f}")
-        # The control: the same probe with the model resident must grow by the extra layers.
-        res = {n: run_stage("probe", models[n], Path(tmp) / f"resident{n}", streamed=False) for n in depths}
-        cells = " ".join(f"{res[n]['seconds']:>13.1f} {res[n]['peak_rss_bytes'] / 2**20:>9.0f}" for n in depths)
-        growth = (res[depths[-1]]["peak_rss_bytes"] - res[depths[0]]["peak_rss_bytes"]) / one
-        print(f"{'resident':9s} {cells}  {growth:+.2f}")
+            print(f"{name:9s} {cells}  {growth:+.2f}")
 
+        for stage in a.stages.split(","):
+            row(stage, {n: run_stage(stage, models[n], Path(tmp) / f"work{n}") for n in depths})  # one cache per depth
+        # The control: the same probe with the model resident must grow by the extra layers.
+        row("resident", {n: run_stage("probe", models[n], Path(tmp) / f"resident{n}", streamed=False) for n in depths})
 
 if __name__ == "__main__":
     main()
