@@ -226,18 +226,18 @@ class Adapter:
         view.copy_(W.to(dtype=view.dtype, device=view.device))
 
     # -- summaries --------------------------------------------------------------------------------
-    def params_by_kind(self) -> dict[str, int]:
-        out = {"attn": 0, "dense": 0, "shared": 0, "expert": 0}
+    def _params_by(self, attr: str, out: dict) -> dict:
         for c in self.components:
-            out[c.kind] = out.get(c.kind, 0) + c.params
+            key = getattr(c, attr)
+            out[key] = out.get(key, 0) + c.params
         return out
+
+    def params_by_kind(self) -> dict[str, int]:
+        return self._params_by("kind", {"attn": 0, "dense": 0, "shared": 0, "expert": 0})
 
     def params_by_layer(self) -> dict[int, int]:
         """Decoder layer -> parameters of its components (the unit the layer walk holds at once)."""
-        out: dict[int, int] = {}
-        for c in self.components:
-            out[c.layer] = out.get(c.layer, 0) + c.params
-        return out
+        return self._params_by("layer", {})
 
     @property
     def num_layers(self) -> int:
