@@ -18,6 +18,7 @@ from pathlib import Path
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
 from paretoq.quant import BITS
+from paretoq.quant.settings import FLAGS, GRIDS, MIN_DAMP, QuantSettings, settings_for
 from paretoq.storage import HEARTBEAT_SECONDS
 
 
@@ -106,6 +107,22 @@ def device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; pass cpu or cuda (cuda:N for one GPU)")
 
 
+def group_size(text: str) -> int:
+    value = integer()(text)
+    if value == 0 or value < -1:
+        raise argparse.ArgumentTypeError(f"{value} is not a group size; pass a positive integer (e.g. 128) or -1 "
+                                         f"(per channel)")
+    return value
+
+
+def damp(text: str) -> float:
+    accepted = f"a number from {MIN_DAMP:g} to 1, e.g. {QuantSettings.damp}"
+    value = _number(text, accepted)
+    if not (MIN_DAMP <= value <= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; pass {accepted}")
+    return value
+
+
 def port(text: str) -> int:
     """1 to 65535, or 0: any free port (the operating system picks one)."""
     return 0 if text.strip() == "0" else integer(1, 65535)(text)
@@ -155,7 +172,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan=args.plan, out=args.out, model=args.model, uniform=args.uniform, calib=args.calib,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
-        progress=not args.quiet,
+        quant=quant_flags(args), progress=not args.quiet,
     )
     print(f"wrote {r.out}: {len(r.plan.bits)} components at {r.avg_bits:.3f} average bits, "
           f"{r.size_bytes / 1e6:.2f} MB of codes, scales and zeros ({r.seconds:.1f} s)")
@@ -173,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
-        trust_remote_code=args.trust_remote_code, progress=not (args.json or args.quiet),
+        trust_remote_code=args.trust_remote_code, quant=quant_flags(args), progress=not (args.json or args.quiet),
     )
     if args.json:
         rows = [p.to_dict() for p in report.plans]
@@ -187,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    settings_for(quant_flags(args), TARGETS.get(args.target))  # a flag the target cannot run: before any import
     from paretoq.search import SearchConfig, run_search
 
     bits = args.bits
@@ -198,6 +216,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
         trust_remote_code=args.trust_remote_code, heartbeat=args.heartbeat, worker=args.worker,
         progress=not (args.worker or args.quiet), target=args.target, sensitivity=args.sensitivity,
+        quant=quant_flags(args),
     ))
     if args.worker:
         return 130 if state.interrupted else 0
@@ -316,6 +335,29 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="recompute every cache entry (capture, quant cache, reference) and overwrite it")
 
 
+def _add_quant(p: argparse.ArgumentParser) -> None:
+    """The quantizer's settings; unset ones come from --target's engine, then the plan, then the defaults."""
+    d = QuantSettings()
+    p.add_argument("--group-size", type=group_size, help=f"columns per quantization group, or -1 per channel "
+                   f"(default {d.group_size})")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_const", const=True, default=None,
+                     help="symmetric grid (zero point fixed at the middle)")
+    sym.add_argument("--asym", dest="sym", action="store_const", const=False,
+                     help="asymmetric grid, a zero point per group (default)")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ in order of decreasing Hessian diagonal (desc_act; default off)")
+    p.add_argument("--damp", type=damp, help=f"GPTQ's damping, a fraction of the mean Hessian diagonal "
+                   f"(default {d.damp})")
+    p.add_argument("--grid", choices=GRIDS, help=f"each group's grid: a shrink search on GPTQ's loss, or min-max "
+                   f"as the reference GPTQ and most engines' quantizers (default {d.grid})")
+
+
+def quant_flags(args: argparse.Namespace) -> dict:
+    """The quantizer settings the user gave (QuantSettings field -> value), for ``settings_for``."""
+    return {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+
+
 # Code that an exception raised from a signal handler may leave half done with a database lock held
 # (a pooled SQLite connection that never rolled back keeps the write lock, and the failed trial's own
 # record then waits for it and fails "database is locked"): an interrupt waits until the call is out.
@@ -392,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="plan.json (from `paretoq search`, or written by hand)")
     p.add_argument("--uniform", type=bit_width, help="instead of a plan: every component at this many bits (2, 3, 4 or 8)")
     p.add_argument("--out", required=True, help="new directory for the checkpoint")
+    _add_quant(p)
     _add_data(p)
     p.set_defaults(func=cmd_quantize)
 
@@ -403,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated lm-eval tasks run in-process and offline; 'demo' = the demo's two local tasks")
     p.add_argument("--lm-eval-limit", type=integer(1), help="evaluate only the first N documents of each task")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one plan, else a list)")
+    _add_quant(p)
     _add_data(p)
     p.set_defaults(func=cmd_eval)
 
@@ -431,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {HEARTBEAT_SECONDS})")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --jobs
     p.add_argument("--target", choices=list(TARGETS),
-                   help="propose only plans this engine can load (ties groups, restricts bits), e.g. vllm")
+                   help="propose only plans this engine can load and measure them with its quantizer's "
+                        "settings (ties groups, restricts bits, e.g. vllm: symmetric 4/8 bits)")
+    _add_quant(p)
     _add_data(p)
     p.set_defaults(func=cmd_search)
 

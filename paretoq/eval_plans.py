@@ -11,6 +11,7 @@ from paretoq.errors import ParetoqError
 from paretoq.evaluate import Assembler, EvalResult, StreamedEvaluator, run_lm_eval
 from paretoq.plan import Plan
 from paretoq.quant.quantizer import BITS
+from paretoq.quant.settings import settings_for
 from paretoq.walk import open_model
 
 
@@ -82,9 +83,13 @@ def eval_plans(
     use_cache: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
+    quant: dict | None = None,
 ) -> EvalReport:
-    """Evaluate plan files and/or uniform widths on the model's eval tokens (and lm-eval tasks)."""
+    """Evaluate plan files and/or uniform widths on the model's eval tokens (and lm-eval tasks).
+    ``quant``: quantizer settings (``QuantSettings`` field -> value) over each plan's own."""
     named = [(str(p), Plan.load(p)) for p in plans]
+    for _, plan in named:
+        plan.quant = settings_for(quant or {}, base=plan.quant)
     for b in uniform:
         if b not in BITS:
             raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
@@ -94,7 +99,7 @@ def eval_plans(
     check_tasks(tasks)
     docs = read_documents(calib)
     sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
-    named += [(f"uniform-{b}", Plan.uniform(sm.adapter, b)) for b in uniform]
+    named += [(f"uniform-{b}", Plan.uniform(sm.adapter, b, quant=settings_for(quant or {}))) for b in uniform]
     for _, plan in named:
         plan.validate(sm.adapter)  # every check before any work
     sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)

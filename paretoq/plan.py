@@ -15,12 +15,11 @@ from paretoq.cache import atomic_write_text
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, Component
 from paretoq.quant.pack import packed_words
-from paretoq.quant.quantizer import BITS, QuantSettings, group_columns, GRIDS
+from paretoq.quant.quantizer import BITS, QuantSettings, check_group_size, group_columns
 
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
 GRID_BITS_PER_GROUP = 32
-MIN_DAMP = 1e-4
 
 
 @dataclass
@@ -80,13 +79,7 @@ class Plan:
                 f"the plan names {unknown[0]!r}{more}, which the model does not have; "
                 f"list the model's keys with `paretoq info --components`"
             )
-        for key in self.bits:
-            n = adapter.component(key).shape[1]
-            if self.quant.group_size != -1 and self.quant.group_size < n and n % self.quant.group_size:
-                raise ParetoqError(
-                    f"group_size {self.quant.group_size} does not divide the input dimension {n} of {key!r}; "
-                    f"use a group size that divides it, or -1 (per channel)"
-                )
+        check_group_size(self.quant.group_size, {k: adapter.component(k).shape[1] for k in self.bits})
 
     def to_dict(self, adapter: Adapter | None = None) -> dict:
         d = {"format": PLAN_FORMAT, "bits": dict(self.bits), "quant": self.quant.to_dict(), "model": self.model,
@@ -111,30 +104,7 @@ class Plan:
         for key, b in bits.items():
             if isinstance(b, bool) or not isinstance(b, int) or b not in BITS:
                 raise ParetoqError(f"{source} gives {key!r} {b!r} bits; each component takes one of {', '.join(map(str, BITS))}")
-        q = d.get("quant") or {}
-        if not isinstance(q, dict):
-            raise ParetoqError(f"{source} has \"quant\" of type {type(q).__name__}; write an object such as "
-                               f"{{\"group_size\": 128, \"sym\": false}}")
-        if q.get("method", "gptq") != "gptq":
-            raise ParetoqError(f"{source} asks for quant method {q.get('method')!r}; paretoq quantizes with 'gptq'")
-        defaults = QuantSettings()
-        group_size = q.get("group_size", defaults.group_size)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-            raise ParetoqError(f"{source} has group_size {group_size!r}; pass a positive integer (e.g. 128) or -1 "
-                               f"(per channel)")
-        damp = q.get("damp", defaults.damp)
-        # Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not (MIN_DAMP <= damp <= 1):
-            raise ParetoqError(f"{source} has damp {damp!r}; pass a number from {MIN_DAMP:g} to 1, e.g. "
-                               f"{defaults.damp} (a fraction of the mean Hessian diagonal)")
-        for name in ("sym", "act_order"):
-            if not isinstance(q.get(name, False), bool):
-                raise ParetoqError(f"{source} has {name} {q[name]!r}; pass true or false")
-        grid = q.get("grid", defaults.grid)
-        if grid not in GRIDS:
-            raise ParetoqError(f"{source} has grid {grid!r}; pass one of {', '.join(GRIDS)}")
-        quant = QuantSettings(group_size=group_size, sym=q.get("sym", defaults.sym),
-                              act_order=q.get("act_order", defaults.act_order), damp=float(damp), grid=grid)
+        quant = QuantSettings.from_dict(d.get("quant") or {}, source)
         model = d.get("model") or {}
         if not isinstance(model, dict) or not all(isinstance(model.get(k, ""), str) for k in ("name_or_path", "model_type")):
             raise ParetoqError(f"{source} has a malformed \"model\"; write {{\"name_or_path\": \"...\", "

@@ -51,13 +51,13 @@ from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ
                           load_token_sets, read_documents)
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import StreamedEvaluator
-from paretoq.export.targets import target_space
+from paretoq.export.targets import get_target, target_space
 from paretoq.models import Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
 from paretoq.probes.sensitivity import measure_sensitivity
-from paretoq.quant.quantizer import QuantSettings
+from paretoq.quant.settings import QuantSettings, check_group_size, flag_args, settings_for
 from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
 from paretoq.space import (Group, SearchSpace, component_bits, decode_genome, encode_genome, load_space, make_groups,
                            min_max_bits, restrict_bits)
@@ -103,6 +103,11 @@ class SearchConfig:
     progress: bool = True
     trust_remote_code: bool = False
     target: str | None = None  # an export target (paretoq.export.TARGETS): propose only plans it can load
+    quant: dict = field(default_factory=dict)  # the user's quantizer settings (QuantSettings field -> value)
+
+    def settings(self) -> QuantSettings:
+        """What the search measures: the user's settings, then what the target's engine runs, then the defaults."""
+        return settings_for(self.quant, get_target(self.target) if self.target else None)
 
 
 @dataclass
@@ -166,6 +171,19 @@ def _check_writable(out: Path) -> None:
                 p.rmdir()
 
 
+def _check_same_quantizer(storage, name: str, settings: QuantSettings) -> None:
+    """A study resumed (or joined) with other quantizer settings would mix trials measured with two
+    quantizers in one front: refuse it before the long work."""
+    try:
+        recorded = storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("quant")
+    except KeyError:  # a new study
+        return
+    if recorded is not None and recorded != settings.to_dict():
+        differ = ", ".join(f"{k} {recorded.get(k)!r}" for k, v in settings.to_dict().items() if recorded.get(k) != v)
+        raise ParetoqError(f"study {name!r} was measured with {differ}; pass the same quantizer settings to resume "
+                           f"it, or a new --study")
+
+
 def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
     """``--jobs N``: N-1 more worker processes of this search on the same study."""
     args = [sys.executable, "-m", "paretoq.cli", "search", "--worker", "--jobs", str(cfg.jobs),
@@ -183,6 +201,7 @@ def _spawn_workers(cfg: SearchConfig, name: str) -> list[subprocess.Popen]:
     args += ["--target", cfg.target] if cfg.target else []
     args += ["--out", str(cfg.out)] if cfg.out else []  # where the dashboard's artifacts go, as this worker's
     args += ["--no-cache"] if not cfg.use_cache else []
+    args += flag_args(cfg.quant)
     return [subprocess.Popen(args, stdout=subprocess.DEVNULL) for _ in range(cfg.jobs - 1)]
 
 
@@ -243,6 +262,7 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     """Everything that can be checked before the long work: from shapes alone, no weight read.
     The model is opened here (a skeleton on meta over its checked shards) and streamed later."""
     check_budget(cfg.budget)
+    settings = cfg.settings()  # a flag the target's engine cannot run
     if cfg.mode not in MODES:
         raise ParetoqError(f"unknown search mode {cfg.mode!r}; use one of {', '.join(MODES)}")
     if cfg.sensitivity not in SENSITIVITY_METHODS:
@@ -263,6 +283,7 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     groups = make_groups(sm.adapter, space)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
+    check_group_size(settings.group_size, {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys})
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")
@@ -285,7 +306,7 @@ def _prepare(cfg: SearchConfig, groups: list[Group], sets: TokenSets, sm: Stream
     """The one place that builds the capture, probes, quant cache, references and evaluator: one
     walk over the layers (`paretoq.calibrate`), each entry cached on disk, from the model and the
     token sets ``_check`` opened."""
-    settings = QuantSettings()
+    settings = cfg.settings()
     parts = split_windows(sets.eval, math.ceil(cfg.sensitivity_tokens / cfg.seq_len))
     widths = tuple(sorted({b for g in groups for b in g.choices}))
     walk = prepare(sm, sets.calib, parts, settings, widths, seed=cfg.seed, use_cache=cfg.use_cache,
@@ -307,6 +328,7 @@ def run_search(cfg: SearchConfig) -> SearchState:
     if not cfg.worker:
         _check_writable(out)
     storage = open_storage(cfg.storage, cfg.heartbeat)  # a bad URL fails now, before the long work
+    _check_same_quantizer(storage, name, cfg.settings())
     if cfg.jobs > 1:  # share the cores with the other workers of this machine (this one included)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.jobs))
     t = time.time()
@@ -415,8 +437,9 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
     with warnings.catch_warnings():  # experimental since Optuna 3.2, and what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["KL", "avg_bits"])
+    quant = prep.settings.to_dict()
     for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space_name,
-                       "target": cfg.target, "groups": len(groups)}.items():
+                       "target": cfg.target, "groups": len(groups), "quant": quant}.items():
         study.set_user_attr(key, value)
     _enqueue_baselines(study, baseline_genomes, created)
     # What optuna-dashboard shows: figures, note and artifacts (paretoq/dashboard.py).

@@ -98,9 +98,14 @@ def test_a_search_for_vllm_exports_without_collapsing(tiny_search_model_dir, tmp
         bits = component_bits(state.groups, {g.name: g.choices[i] for g, i in zip(state.groups, genome)})
         assert not problems(Plan(bits), adapter, TARGETS["vllm"])
     plan = tmp_path / "out" / "plan.json"
+    quant = json.loads(plan.read_text())["quant"]  # measured with the quantizer vLLM serves
+    assert (quant["sym"], quant["act_order"]) == (True, False)
+    assert study.user_attrs["quant"] == quant
     for fmt in ("gptqmodel", "vllm"):
         assert main(["export", "--plan", str(plan), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
-        assert "collapsed" not in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "collapsed" not in out and "will differ" not in out
+        assert json.loads((tmp_path / fmt / "quantize_config.json").read_text())["sym"] is True
 
 
 def test_search_for_a_target_refuses_a_budget_it_cannot_reach(tmp_path, capsys):

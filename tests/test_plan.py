@@ -75,7 +75,7 @@ def test_bad_plan_files(tmp_path, content, message):
 def test_keys_and_groups_checked_against_the_model(adapter):
     with pytest.raises(ParetoqError, match="does not have"):
         Plan({"model.layers.9.self_attn.q_proj": 4}).validate(adapter)
-    with pytest.raises(ParetoqError, match="does not divide the input dimension 32"):
+    with pytest.raises(ParetoqError, match="does not divide the input width 32"):
         Plan({"model.layers.0.mlp.experts.0.down_proj": 4}, QuantSettings(group_size=24)).validate(adapter)
     with pytest.raises(ParetoqError, match="does not exist"):
         Plan.load("/nonexistent/plan.json")

@@ -18,27 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from paretoq.errors import ParetoqError
 from paretoq.quant import BITS  # noqa: F401  (re-exported)
+from paretoq.quant.settings import GRIDS, GROUP_SIZES, QuantSettings, check_group_size  # noqa: F401  (re-exported)
 
-GROUP_SIZES = (256, 128, 64, 32)  # the group sizes GPTQ kernels and formats commonly serve, offered on a bad one
-GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
 GRID_STEPS = 100  # shrink factors 1, 0.99, ..., 0.21: the reference quantizer's MSE grid (grid=100, maxshrink=.8)
 GRID_MAX_SHRINK = 0.8
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    group_size: int = 128  # -1: per channel
-    sym: bool = False
-    act_order: bool = False
-    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
-    block_size: int = 128  # GPTQ's lazy-update block
-    grid: str = "search"  # "search": shrink search on GPTQ's loss (gptq.py); "minmax": the reference's grid
-
-    def to_dict(self) -> dict:
-        return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
-                "damp": self.damp, "grid": self.grid}
 
 
 @dataclass
@@ -67,34 +51,6 @@ def group_columns(in_features: int, group_size: int) -> int:
     if in_features % group_size:
         raise ValueError(f"input dimension {in_features} is not a multiple of group_size {group_size}")
     return group_size
-
-
-def check_group_size(group_size: int, widths: dict[str, int]) -> None:
-    """Refuse, before any work, a group size that does not tile the input width of every component.
-
-    ``widths``: component key (or any name) -> input width (``Component.shape[1]``). A group at
-    least as wide as a row is one group per row (``group_columns``), so only narrower groups must
-    divide. The error names the first widths that fail and the group sizes that tile them all
-    (GPT-OSS: 2880 = 64 x 45, so 64 or 32, never 128).
-    """
-    if group_size == -1:
-        return
-    if group_size < 1:
-        raise ParetoqError(f"group size {group_size} must be positive, or -1 for one group per row (per channel)")
-    bad: dict[int, list[str]] = {}
-    for name, w in widths.items():
-        if group_size < w and w % group_size:
-            bad.setdefault(w, []).append(name)
-    if not bad:
-        return
-    fits = [g for g in GROUP_SIZES if all(g >= w or w % g == 0 for w in widths.values())]
-    named = "; ".join(f"{w} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
-                      for w, names in sorted(bad.items()))
-    if fits:
-        fix = f"pass --group-size {' or '.join(map(str, fits))} (or -1, per channel)"
-    else:
-        fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
-    raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
 
 
 def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:

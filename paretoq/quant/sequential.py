@@ -29,6 +29,7 @@ from paretoq.plan import Plan
 from paretoq.quant.apply import QuantizedComponents, quantize_components
 from paretoq.quant.checkpoint import CheckpointWriter, layer_state
 from paretoq.quant.quantizer import BITS
+from paretoq.quant.settings import settings_for
 from paretoq.walk import StreamedModel, open_model
 
 
@@ -102,22 +103,25 @@ def quantize(
     max_memory: str | int | None = None,
     progress: bool = True,
     trust_remote_code: bool = False,
+    quant: dict | None = None,
 ) -> QuantizeResult:
-    """Quantize ``model`` under ``plan`` (a plan.json) or ``uniform`` bits, and write a packed checkpoint."""
+    """Quantize ``model`` under ``plan`` (a plan.json) or ``uniform`` bits, and write a packed checkpoint.
+    ``quant``: quantizer settings (``QuantSettings`` field -> value) over the plan's own."""
     started = time.time()
     if (plan is None) == (uniform is None):
         raise ParetoqError("pass either --plan plan.json or --uniform BITS")
     if uniform is not None and uniform not in BITS:
         raise ParetoqError(f"--uniform {uniform} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
-    the_plan = Plan.load(plan) if plan is not None else None
+    the_plan = Plan.load(plan) if plan is not None else Plan({})
+    the_plan.quant = settings_for(quant or {}, base=the_plan.quant)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")
     check_writable_dir(out)  # before minutes of GPTQ, not after
     docs = read_documents(calib)
     sm = open_model(model, dtype=dtype, device=device, max_memory=max_memory, trust_remote_code=trust_remote_code)
-    if the_plan is None:
-        the_plan = Plan.uniform(sm.adapter, uniform)
+    if uniform is not None:
+        the_plan = Plan.uniform(sm.adapter, uniform, quant=the_plan.quant)
     the_plan.validate(sm.adapter)  # every check before any work
     the_plan.model = {"name_or_path": str(model), "model_type": sm.model.config.model_type}
     sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)

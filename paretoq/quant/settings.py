@@ -1,0 +1,124 @@
+"""The quantizer's settings, as plans record them and the CLI takes them (no torch: the CLI checks them at start-up).
+
+One validator (``QuantSettings.from_dict``) serves a plan file's ``quant`` object and the
+``--group-size/--sym/--asym/--act-order/--damp/--grid`` flags, so both refuse the same values with
+the same words. ``settings_for`` decides what a command measures: the user's flags first, then what
+the export target's engine needs, then paretoq's defaults; a flag the target cannot serve is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from paretoq.errors import ParetoqError
+
+GROUP_SIZES = (256, 128, 64, 32)  # the group sizes GPTQ kernels and formats commonly serve, offered on a bad one
+GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
+# Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
+MIN_DAMP = 1e-4
+# The flag that sets each field, for messages.
+FLAGS = {"group_size": "--group-size", "sym": "--sym/--asym", "act_order": "--act-order/--no-act-order",
+         "damp": "--damp", "grid": "--grid"}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    group_size: int = 128  # -1: per channel
+    sym: bool = False
+    act_order: bool = False
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128  # GPTQ's lazy-update block
+    grid: str = "search"  # "search": shrink search on GPTQ's loss (gptq.py); "minmax": the reference's grid
+
+    def to_dict(self) -> dict:
+        return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
+                "damp": self.damp, "grid": self.grid}
+
+    @classmethod
+    def from_dict(cls, q: dict, source: str = "plan") -> QuantSettings:
+        """Settings from a plan's ``quant`` object (missing keys take the defaults), each value checked."""
+        if not isinstance(q, dict):
+            raise ParetoqError(f"{source} has \"quant\" of type {type(q).__name__}; write an object such as "
+                               f"{{\"group_size\": 128, \"sym\": false}}")
+        if q.get("method", "gptq") != "gptq":
+            raise ParetoqError(f"{source} asks for quant method {q.get('method')!r}; paretoq quantizes with 'gptq'")
+        known = {f.name for f in fields(cls)} - {"block_size"}
+        return replace(cls(), **{k: check(k, q[k], source) for k in known if k in q})
+
+
+def check(name: str, value, source: str = "plan"):
+    """``value`` for the field ``name``, or a one-line error naming ``source`` and what is accepted."""
+    if name == "group_size":
+        if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value > 0):
+            raise ParetoqError(f"{source} has group_size {value!r}; pass a positive integer (e.g. 128) or -1 "
+                               f"(per channel)")
+        return value
+    if name == "damp":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (MIN_DAMP <= value <= 1):
+            raise ParetoqError(f"{source} has damp {value!r}; pass a number from {MIN_DAMP:g} to 1, e.g. "
+                               f"{QuantSettings.damp} (a fraction of the mean Hessian diagonal)")
+        return float(value)
+    if name in ("sym", "act_order"):
+        if not isinstance(value, bool):
+            raise ParetoqError(f"{source} has {name} {value!r}; pass true or false")
+        return value
+    if name == "grid":
+        if value not in GRIDS:
+            raise ParetoqError(f"{source} has grid {value!r}; pass one of {', '.join(GRIDS)}")
+        return value
+    raise KeyError(name)
+
+
+def settings_for(flags: dict, target=None, base: QuantSettings | None = None) -> QuantSettings:
+    """What a command quantizes with: ``flags`` (field -> value, None where not given) over what
+    ``target`` (a ``paretoq.export.targets.Target`` or None) needs, over ``base`` (a plan's own
+    settings, else the defaults). A flag that contradicts the target, or a plan's recorded setting,
+    is refused: the plan was measured with its settings, and the target's engine runs only its own."""
+    base = base or QuantSettings()
+    given = {k: check(k, v, FLAGS[k]) for k, v in flags.items() if v is not None}
+    needed = {k: v for k, v in (("sym", getattr(target, "sym", None)), ("act_order", getattr(target, "act_order", None)))
+              if v is not None}
+    for k, v in given.items():
+        if k in needed and needed[k] != v:
+            raise ParetoqError(f"{flag_args({k: v})[0]}: {target.engine} runs {k}={needed[k]}, not {v}; drop the "
+                               f"flag or choose another --target")
+    return replace(base, **{**needed, **given})
+
+
+def flag_args(flags: dict) -> list[str]:
+    """The command-line flags that give ``flags`` (QuantSettings field -> value) back, for worker processes."""
+    out = []
+    for k, v in flags.items():
+        if isinstance(v, bool):
+            out.append({"sym": "--sym" if v else "--asym"}.get(k, f"--{'' if v else 'no-'}{k.replace('_', '-')}"))
+        else:
+            out += [FLAGS[k], str(v)]
+    return out
+
+
+def check_group_size(group_size: int, widths: dict[str, int]) -> None:
+    """Refuse, before any work, a group size that does not tile the input width of every component.
+
+    ``widths``: component key (or any name) -> input width (``Component.shape[1]``). A group at
+    least as wide as a row is one group per row (``group_columns``), so only narrower groups must
+    divide. The error names the first widths that fail and the group sizes that tile them all
+    (GPT-OSS: 2880 = 64 x 45, so 64 or 32, never 128).
+    """
+    if group_size == -1:
+        return
+    if group_size < 1:
+        raise ParetoqError(f"group size {group_size} must be positive, or -1 for one group per row (per channel)")
+    bad: dict[int, list[str]] = {}
+    for name, w in widths.items():
+        if group_size < w and w % group_size:
+            bad.setdefault(w, []).append(name)
+    if not bad:
+        return
+    fits = [g for g in GROUP_SIZES if all(g >= w or w % g == 0 for w in widths.values())]
+    named = "; ".join(f"{w} ({names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''})"
+                      for w, names in sorted(bad.items()))
+    if fits:
+        fix = f"pass --group-size {' or '.join(map(str, fits))} (or -1, per channel)"
+    else:
+        fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
+    raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
