@@ -1,6 +1,6 @@
 """Peak memory of each streamed stage on random MoEs of one layer shape and several depths.
 
-    python studies/scale/ladder.py --layers 2,8 [--hidden 512 --experts 64 --expert-size 256]
+    python studies/scale/ladder.py --layers 2,8 [--hidden 512 --experts 64 --expert-size 256] [--grid minmax]
 
 Each stage runs in its own process (`peak.py`) with `--max-memory 0` (always stream); the table
 gives each stage's wall time and peak RSS per depth, and the growth from the shallowest to the
@@ -26,14 +26,23 @@ from make_model import make_model  # noqa: E402
 SHAPE = dict(hidden=512, experts=64, expert_size=256, top_k=8, heads=8, kv_heads=2, head_dim=64)
 TOKENS = ["--calib-tokens", "512", "--eval-tokens", "256", "--seq-len", "64", "--quiet", "--dtype", "float32",
           "--max-memory", "0"]  # --max-memory last: run_stage drops it for a resident run
-STAGES = {
-    "probe": lambda d, out: ["probe", "--model", d, "--out", str(out / "probe")],
-    "search": lambda d, out: ["search", "--model", d, "--budget", "3", "--trials", "4", "--space", "layer-experts",
-                              "--bits", "2,4", "--storage", f"sqlite:///{out / 'study.db'}", "--out",
-                              str(out / "search")],
-    "quantize": lambda d, out: ["quantize", "--model", d, "--uniform", "4", "--out", str(out / "q4")],
-    "eval": lambda d, out: ["eval", "--model", d, "--uniform", "4", "--json"],
-}
+
+
+def stages(grid: str = "search") -> dict:
+    """Stage name -> argv of the model directory and the work directory; GPTQ with ``grid``
+    ("minmax" costs a fifth of the default shrink search: what a memory test needs)."""
+    q = ["--grid", grid]
+    return {
+        "probe": lambda d, out: ["probe", "--model", d, "--out", str(out / "probe")],
+        "search": lambda d, out: ["search", "--model", d, "--budget", "3", "--trials", "4", "--space", "layer-experts",
+                                  "--bits", "2,4", "--storage", f"sqlite:///{out / 'study.db'}", "--out",
+                                  str(out / "search"), *q],
+        "quantize": lambda d, out: ["quantize", "--model", d, "--uniform", "4", "--out", str(out / "q4"), *q],
+        "eval": lambda d, out: ["eval", "--model", d, "--uniform", "4", "--json", *q],
+    }
+
+
+STAGES = stages()
 
 
 def layer_bytes(path: Path) -> int:
@@ -66,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", default="2,8")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--grid", default="search", choices=["search", "minmax"], help="GPTQ's grid (paretoq --grid)")
     for k, v in SHAPE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
     a = ap.parse_args()
@@ -83,7 +93,8 @@ def main() -> None:
             print(f"{name:9s} {cells}  {growth:+.2f}")
 
         for stage in a.stages.split(","):
-            row(stage, {n: run_stage(stage, models[n], Path(tmp) / f"work{n}") for n in depths})  # one cache per depth
+            row(stage, {n: run_stage(stage, models[n], Path(tmp) / f"work{n}", stages=stages(a.grid))  # a cache per depth
+                        for n in depths})
         # The control: the same probe with the model resident must grow by the extra layers.
         row("resident", {n: run_stage("probe", models[n], Path(tmp) / f"resident{n}", streamed=False) for n in depths})
 

@@ -83,10 +83,12 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary rows (default: the demo tokenizer's); "
+                    "a real model's (151936 for Qwen3) sizes the embedding and head as in the real model")
     ap.add_argument("--dtype", default="bfloat16")
     a = ap.parse_args()
     make_model(a.out, a.layers, a.hidden, a.experts, a.expert_size, a.top_k, a.heads, a.kv_heads, a.head_dim,
-               dtype=a.dtype)
+               vocab=a.vocab, dtype=a.dtype)
     print(f"wrote {a.out}")
 
 

@@ -4,6 +4,8 @@
 #
 #   bash studies/scale/run_capped.sh MODEL_DIR CAP_BYTES STAGE [STAGE ...]     (STAGE: probe | eval | search | quantize)
 #
+# QUANT (environment): quantizer flags for search, quantize and eval, e.g. QUANT="--grid minmax".
+# PARETOQ_CACHE (environment): the cache (default: a new directory beside the outputs), shared by the stages.
 # The model is made by studies/scale/make_model.py. Results go to stdout as one JSON line per stage.
 set -euo pipefail
 model=$1; cap=$2; shift 2
@@ -14,13 +16,15 @@ trap 'rmdir "$cg" 2>/dev/null || true' EXIT
 echo "$cap" > "$cg/memory.limit_in_bytes"
 common=(--model "$model" --max-memory 0 --calib-tokens 512 --eval-tokens 512 --seq-len 128)
 work="$(mktemp -d)"
+export PARETOQ_CACHE="${PARETOQ_CACHE:-$work/cache}"
+read -r -a quant <<< "${QUANT:-}"
 for stage in "$@"; do
     case $stage in
         probe) args=(probe --out "$work/probe") ;;
-        eval) args=(eval --uniform 4 --json) ;;
+        eval) args=(eval --uniform 4 --json "${quant[@]}") ;;
         search) args=(search --budget 3 --trials 10 --space layer-experts --bits 2,4
-                      --storage "sqlite:///$work/study.db" --out "$work/search") ;;
-        quantize) args=(quantize --uniform 4 --out "$work/q4") ;;
+                      --storage "sqlite:///$work/study.db" --out "$work/search" "${quant[@]}") ;;
+        quantize) args=(quantize --uniform 4 --out "$work/q4" "${quant[@]}") ;;
     esac
     echo 0 > "$cg/memory.max_usage_in_bytes"
     start=$(date +%s)
