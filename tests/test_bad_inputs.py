@@ -303,8 +303,9 @@ def _flip_bytes(path: Path) -> None:
 
 
 def test_sigterm_then_damaged_caches_then_too_few_trials(ws, tmp_path):
-    """One search, three promises: SIGTERM prints one line; damaged features and sensitivity
-    entries are recomputed with a one-line warning each; --trials below the baselines says so."""
+    """One search, four promises: SIGTERM prints one line; the same command resumes the study
+    (nothing left running, the trials kept); damaged features and sensitivity entries are
+    recomputed with a one-line warning each; --trials below the baselines says so."""
     cache = tmp_path / "cache"  # this test's own, so that only its entries are damaged
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PARETOQ_CACHE": str(cache)}
     argv = ["search", "--model", str(ws / "tiny"), "--storage", f"sqlite:///{tmp_path}/s.db", "--quiet", *TINY]
@@ -325,9 +326,14 @@ def test_sigterm_then_damaged_caches_then_too_few_trials(ws, tmp_path):
     assert {p.parent.name for p in entries} == {"features", "sensitivity"}
     for p in entries:
         _flip_bytes(p)
-    code, out, err, _ = run([*argv, "--out", str(tmp_path / "b"), "--study", "b", "--trials", "2"], tmp_path,
-                            {"PARETOQ_CACHE": str(cache)})
+    kept = _complete_trials(tmp_path / "s.db")
+    code, out, err, _ = run([*argv, "--out", str(tmp_path / "a"), "--study", "a", "--trials", str(kept + 1)],
+                            tmp_path, {"PARETOQ_CACHE": str(cache)})
     assert code == 0, err
+    import optuna
+
+    states = [t.state.name for t in optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path}/s.db").trials]
+    assert states.count("COMPLETE") == kept + 1 and "RUNNING" not in states, states
     warnings = [line for line in err.splitlines() if "cache entry" in line]
     assert len(warnings) == len(entries) and all("is damaged (checksum mismatch); recomputing it" in w
                                                  for w in warnings), err
@@ -337,7 +343,24 @@ def test_sigterm_then_damaged_caches_then_too_few_trials(ws, tmp_path):
         read_checked_json(p)  # rewritten whole
     note = [line for line in err.splitlines() if "baselines take" in line]
     assert len(note) == 1 and "the search proper did not run" in note[0] and "--trials above" in note[0], err
+    assert "knapsack among them, not verified" in note[0]
     assert "Traceback" not in err
+
+
+def test_a_killed_quantize_leaves_no_checkpoint_and_the_next_run_cleans_up(ws, tmp_path):
+    argv = ["quantize", "--model", str(ws / "tiny"), "--uniform", "4", "--out", str(tmp_path / "q"), "--quiet", *TINY]
+    proc = subprocess.Popen([PARETOQ, *argv], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".q.*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)  # until the checkpoint is being written
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "q").exists() and len(list(tmp_path.glob(".q.*"))) == 1
+    code, out, err, _ = run(argv, tmp_path)
+    assert code == 0, err
+    assert err.strip().startswith("paretoq: removed ") and "a partial output left by a run that was killed" in err
+    assert not list(tmp_path.glob(".q.*")) and (tmp_path / "q" / "quantization.json").is_file()
 
 
 # -- property: mutated inputs never give a traceback --------------------------------------------

@@ -104,3 +104,14 @@ def test_parsed_values_are_typed(capsys):
 
     args = build_parser().parse_args(["search", "--bits", "4, 2,4", "--budget", "2.5", "--quiet"])
     assert args.bits == (2, 4) and args.budget == 2.5 and args.quiet
+
+
+def test_long_work_shows_progress_on_stderr_unless_quiet(tiny_search_model_dir, tmp_path, capsys):
+    argv = ["quantize", "--model", str(tiny_search_model_dir), "--uniform", "4", "--calib-tokens", "512",
+            "--eval-tokens", "512", "--seq-len", "64"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    out, err = capsys.readouterr()
+    assert "100%|" in err and "layer" in err  # a bar per walk, counting layers
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("wrote ")

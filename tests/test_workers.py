@@ -69,7 +69,7 @@ def _env():
 
 
 @pytest.mark.slow
-def test_sigint_mid_trial_then_resume(tiny_search_model_dir, tmp_path):
+def test_sigint_then_sigkill_mid_trial_then_resume(tiny_search_model_dir, tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
     argv = _search_argv(tiny_search_model_dir, storage, tmp_path / "out", trials=20)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
@@ -83,6 +83,12 @@ def test_sigint_mid_trial_then_resume(tiny_search_model_dir, tmp_path):
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     assert next(t for t in trials if t.number == number).state == optuna.trial.TrialState.FAIL
     assert (tmp_path / "out" / "front.json").is_file()  # outputs for what completed
+    # SIGKILL mid-trial: no handler runs, the trial stays RUNNING; the next run fails it as stale
+    # (no heartbeat for 3 x --heartbeat seconds) and verifies its plan again
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    killed = _catch_running(proc, storage, proc.pid)
+    proc.kill()
+    proc.wait()
     done = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600)
     assert done.returncode == 0, done.stderr
     trials = _trials(storage)
@@ -91,6 +97,10 @@ def test_sigint_mid_trial_then_resume(tiny_search_model_dir, tmp_path):
     sources = [t.user_attrs["source"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE
                and t.user_attrs.get("source", "").startswith("baseline:")]
     assert len(sources) == len(set(sources))
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert retried and all(t.user_attrs["genome"] == by_number[killed].user_attrs["genome"] for t in retried)
 
 
 def _postgres_bin() -> Path | None:
