@@ -271,8 +271,11 @@ def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_captu
                 cap = capture_layer(sm, i, layer, calib_h, calib_shapes, positions, ids.flatten(),
                                     hessians=bool(widths), update=True)
                 keys = [c.key for c in adapter.components if c.layer == i]
+                factors = {}  # each input's Hessian factored once, for every width
                 for b in widths:
-                    cache.write(i, b, quantize_components(adapter, cap, dict.fromkeys(keys, b), cache.settings))
+                    cache.write(i, b, quantize_components(adapter, cap, dict.fromkeys(keys, b), cache.settings,
+                                                          factors))
+                del factors
                 if todo_capture:
                     _save_light_capture(cap_dir, i, cap, outlier_scores(adapter, layer=i))
                 del cap  # the Hessians go with it

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import tiny_model
@@ -73,3 +74,28 @@ def test_experts_without_tokens_fall_back_to_rtn(tmp_path):
     assert qc.rtn_fallback == idle
     key = "model.layers.0.mlp.experts.3.up_proj"
     torch.testing.assert_close(qc.weight(key, 4), rtn(adapter.weight(key), 4, 32).dequantize())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_one_hessian_factor_serves_every_reader_and_width(act_order):
+    """Sharing each input's factor across gate/up, q/k/v and widths changes no code: every component
+    equals its own GPTQ from its own Hessian; and the Hessians are dropped once factored."""
+    from paretoq.quant.apply import quantize_components
+
+    adapter, cap = _setup()
+    settings = QuantSettings(group_size=32, act_order=act_order)
+    keys = [c.key for c in adapter.components if c.layer == 1]
+    mixed = {k: (2, 3, 4)[i % 3] for i, k in enumerate(keys)}  # a plan's mixed widths, as quantize passes them
+    alone = {(k, b): gptq(adapter.weight(k), cap.hessian(k), b, settings).q
+             for k in keys for b in {mixed[k], 2, 4}}
+
+    def same(got, b_of):
+        for k in keys:
+            ref = alone[(k, b_of(k))]
+            assert torch.equal(got.tensors[k].codes, ref.codes) and torch.equal(got.tensors[k].scales, ref.scales), k
+
+    same(quantize_components(adapter, cap, mixed, settings), mixed.get)
+    factors, sites = {}, {cap.site[k] for k in keys}
+    for b in (2, 4):  # the calibration walk: one call per width, one factor per input
+        same(quantize_components(adapter, cap, dict.fromkeys(keys, b), settings, factors), lambda k: b)
+        assert sites <= set(factors) and not sites & set(cap.hessians)

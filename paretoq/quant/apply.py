@@ -16,7 +16,7 @@ import torch
 
 from paretoq.capture import Capture
 from paretoq.models import Adapter
-from paretoq.quant.gptq import gptq
+from paretoq.quant.gptq import HessianFactor, gptq, hessian_factor
 from paretoq.quant.quantizer import QuantizedTensor, QuantSettings, rtn
 
 
@@ -48,40 +48,64 @@ GPTQ_COPIES = 4
 
 
 def quantize_components(
-    adapter: Adapter, capture: Capture, bits: dict[str, int], settings: QuantSettings
+    adapter: Adapter, capture: Capture, bits: dict[str, int], settings: QuantSettings,
+    factors: dict[str, HessianFactor] | None = None,
 ) -> QuantizedComponents:
     """GPTQ every key of ``bits`` at its width, from ``capture``'s Hessians and ``adapter``'s current weights.
 
-    Routed experts that share a layer, projection and width are quantized as one batch. A component
-    that saw no calibration token has no Hessian worth the name: it is rounded to nearest and listed
-    in ``rtn_fallback``.
+    One Hessian factor per input serves every component reading it (q/k/v, gate/up) at every width
+    asked; routed experts of a layer are batched, a chunk of experts at a time. ``factors``: a dict
+    kept by the caller across calls on the same capture and settings (the calibration walk calls
+    once per width): each input is factored once, and its Hessian is then dropped from ``capture``.
+    A component that saw too few calibration tokens is rounded to nearest and listed in ``rtn_fallback``.
     """
     out = QuantizedComponents()
-    batches: dict[tuple, list[str]] = defaultdict(list)
-    for key, b in bits.items():
-        c = adapter.component(key)
-        group = ("experts", c.layer, c.proj, b, c.shape) if c.kind == "expert" else (key,)
-        batches[group].append(key)
-    for keys in batches.values():
-        b = bits[keys[0]]
-        seen = [k for k in keys if capture.tokens.get(k, 0) >= MIN_TOKENS]
-        for k in keys:
-            out.tokens[k] = int(capture.tokens.get(k, 0))
-            if k not in seen:
-                out.tensors[k] = rtn(adapter.weight(k), b, settings.group_size, settings.sym)
-                out.loss[k] = float("nan")
-                out.rtn_fallback.append(k)
-        if not seen:
-            continue
-        cols = adapter.component(seen[0]).shape[1]
+    readers: dict[str, list[str]] = defaultdict(list)  # input site -> the keys that read it, by projection
+    for key in sorted(bits, key=lambda k: adapter.component(k).proj):
+        out.tokens[key] = int(capture.tokens.get(key, 0))
+        if out.tokens[key] < MIN_TOKENS:
+            out.tensors[key] = rtn(adapter.weight(key), bits[key], settings.group_size, settings.sym)
+            out.loss[key] = float("nan")
+            out.rtn_fallback.append(key)
+        else:
+            readers[capture.site[key]].append(key)
+    batches: dict[tuple, list[str]] = defaultdict(list)  # sites quantized together
+    for site, keys in readers.items():
+        c = adapter.component(keys[0])
+        shapes = tuple((adapter.component(k).proj, adapter.component(k).shape) for k in keys)
+        batches[("experts", c.layer, shapes) if c.kind == "expert" else (site,)].append(site)
+    for sites in batches.values():
+        cols = adapter.component(readers[sites[0]][0]).shape[1]
         chunk = max(1, GPTQ_BATCH_BYTES // (cols * cols * 4 * GPTQ_COPIES))
-        for start in range(0, len(seen), chunk):  # experts are independent: batching only saves launches
-            part = seen[start : start + chunk]
-            H = torch.stack([capture.hessian(k) for k in part])
-            W = torch.stack([adapter.weight(k).detach() for k in part]).to(H.device)
-            res = gptq(W, H, b, settings)
-            for i, k in enumerate(part):
-                out.tensors[k] = res.q[i]
-                out.loss[k] = float(res.loss[i])
-            del H, W, res
+        for start in range(0, len(sites), chunk):  # experts are independent: batching only saves launches
+            part = sites[start : start + chunk]
+            factor = _factor(capture, part, settings, factors)
+            for j in range(len(readers[part[0]])):  # each projection reading these inputs
+                keys = [readers[site][j] for site in part]
+                for b in sorted({bits[k] for k in keys}):
+                    idx = [i for i, k in enumerate(keys) if bits[k] == b]
+                    W = torch.stack([adapter.weight(keys[i]).detach() for i in idx]).to(factor.hinv.device)
+                    res = gptq(W, None, b, settings, factor=factor if len(idx) == len(keys) else factor[idx])
+                    for n, i in enumerate(idx):
+                        out.tensors[keys[i]] = res.q[n]
+                        out.loss[keys[i]] = float(res.loss[n])
+                    del W, res
+            del factor
     return out
+
+
+def _factor(capture: Capture, sites: list[str], settings: QuantSettings,
+            factors: dict[str, HessianFactor] | None) -> HessianFactor:
+    """The Hessian factor of ``sites`` (a batch), from ``factors`` where every site is there, else computed
+    (and, with ``factors``, kept there per site and the Hessians dropped from ``capture``)."""
+    if factors is not None and all(s in factors for s in sites):
+        got = [factors[s] for s in sites]
+        perm = None if got[0].perm is None else torch.stack([f.perm for f in got])
+        return HessianFactor(torch.stack([f.hinv for f in got]), torch.stack([f.dead for f in got]),
+                             torch.stack([f.damp for f in got]), perm)
+    factor = hessian_factor(torch.stack([capture.hessians[s] for s in sites]), settings)
+    if factors is not None:
+        for i, s in enumerate(sites):
+            factors[s] = factor[i]
+            del capture.hessians[s]
+    return factor

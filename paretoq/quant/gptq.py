@@ -113,44 +113,38 @@ def _search_grid(Wg: torch.Tensor, Hg: torch.Tensor, bits: int, sym: bool) -> tu
     return shrunk_grid(xmin, xmax, best_p, bits, sym)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, settings: QuantSettings = QuantSettings()) -> GPTQResult:
-    """Quantize ``W [E, out, in]`` (or ``[out, in]``) given input Hessians ``H [E, in, in]`` (or ``[in, in]``).
+@dataclass
+class HessianFactor:
+    """What GPTQ needs from a batch of Hessians, for any weights that read those inputs and any width:
+    computed once and shared by the projections of one input (q/k/v, gate/up) and every width."""
 
-    ``H`` may be the raw sum of ``x x^T``: GPTQ is invariant to its scale, and damping is relative.
-    Computes in float64 when ``W`` or ``H`` is float64, else float32.
-    """
-    single = W.dim() == 2
-    if single:
-        W, H = W[None], H[None]
-    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
-    W = W.to(dtype).clone()
+    hinv: torch.Tensor  # [E, C, C] upper Cholesky factor of the damped H^-1 (columns in perm order)
+    dead: torch.Tensor  # [E, C] inputs no token drove (their weights are zeroed)
+    damp: torch.Tensor  # [E] the damping that made H positive definite (fraction of the mean diagonal)
+    perm: torch.Tensor | None  # [E, C] act-order: columns by decreasing Hessian diagonal
+
+    def __getitem__(self, i) -> HessianFactor:
+        """The factor of some matrices of the batch (an index or a list of them)."""
+        return HessianFactor(self.hinv[i], self.dead[i], self.damp[i], None if self.perm is None else self.perm[i])
+
+
+def hessian_factor(H: torch.Tensor, settings: QuantSettings = QuantSettings()) -> HessianFactor:
+    """Damp ``H [E, C, C]`` until each matrix's Cholesky factorisation succeeds, and factor its inverse.
+    Computes in float64 when ``H`` is float64, else float32."""
+    dtype = torch.float64 if H.dtype == torch.float64 else torch.float32
     H = H.to(dtype).clone()
-    E, R, C = W.shape
-    cols = group_columns(C, settings.group_size)
-    G = C // cols
-
+    E, C, _ = H.shape
     # Inputs no token ever drove carry no information: GPTQ zeroes the weights and pins the diagonal.
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = 1.0
-    W.masked_fill_(dead[:, None, :], 0.0)
-
-    if settings.grid not in GRIDS:
-        raise ValueError(f"unknown grid {settings.grid!r}; choose one of {GRIDS}")
-    scales = torch.zeros(E, R, G, dtype=dtype, device=W.device)
-    zeros = torch.zeros(E, R, G, dtype=dtype, device=W.device)
     perm = None
     if settings.act_order:
-        W0 = W  # static groups: grids from the original weights, once the loss weights are known
         perm = torch.argsort(diag, dim=-1, descending=True)  # [E, C]
-        W = W.gather(2, perm[:, None, :].expand(E, R, C))
         H = H.gather(1, perm[:, :, None].expand(E, C, C)).gather(2, perm[:, None, :].expand(E, C, C))
-        group_of = perm // cols
-
-    # Dampen until the Cholesky factorisation succeeds, matrix by matrix.
-    damp = torch.full((E,), settings.damp, dtype=dtype, device=W.device)
+    damp = torch.full((E,), settings.damp, dtype=dtype, device=H.device)
     mean_diag = H.diagonal(dim1=-2, dim2=-1).mean(-1)
-    eye = torch.eye(C, dtype=dtype, device=W.device)
+    eye = torch.eye(C, dtype=dtype, device=H.device)
     for _ in range(MAX_DAMP_RETRIES):
         L, info = torch.linalg.cholesky_ex(H + (damp * mean_diag)[:, None, None] * eye)
         if not (info != 0).any():
@@ -158,7 +152,43 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int, settings: QuantSettings = 
         damp = torch.where(info != 0, damp * 10, damp)
     else:
         raise RuntimeError(f"Hessian not positive definite even at damping {damp.max().item():g}")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    del H
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return HessianFactor(hinv, dead, damp, perm)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor | None, bits: int, settings: QuantSettings = QuantSettings(),
+         factor: HessianFactor | None = None) -> GPTQResult:
+    """Quantize ``W [E, out, in]`` (or ``[out, in]``) given input Hessians ``H [E, in, in]`` (or ``[in, in]``),
+    or their ``factor`` (``hessian_factor``, made with the same settings) in place of ``H``.
+
+    ``H`` may be the raw sum of ``x x^T``: GPTQ is invariant to its scale, and damping is relative.
+    Computes in float64 when ``W`` or ``H`` is float64, else float32.
+    """
+    single = W.dim() == 2
+    if single:  # a factor is always of a batch (here, of one)
+        W = W[None]
+        H = None if H is None else H[None]
+    if factor is None:
+        factor = hessian_factor(H.double() if W.dtype == torch.float64 else H, settings)
+    dtype = torch.float64 if torch.float64 in (W.dtype, factor.hinv.dtype) else torch.float32
+    W = W.to(dtype).clone()
+    Hinv = factor.hinv.to(dtype)
+    E, R, C = W.shape
+    cols = group_columns(C, settings.group_size)
+    G = C // cols
+    W.masked_fill_(factor.dead[:, None, :], 0.0)
+
+    if settings.grid not in GRIDS:
+        raise ValueError(f"unknown grid {settings.grid!r}; choose one of {GRIDS}")
+    scales = torch.zeros(E, R, G, dtype=dtype, device=W.device)
+    zeros = torch.zeros(E, R, G, dtype=dtype, device=W.device)
+    perm = factor.perm
+    if perm is not None:
+        W0 = W  # static groups: grids from the original weights, once the loss weights are known
+        W = W.gather(2, perm[:, None, :].expand(E, R, C))
+        group_of = perm // cols
+    damp = factor.damp
     loss_weight = Hinv.diagonal(dim1=-2, dim2=-1) ** -2  # [E, C]: GPTQ's loss is sum (w - q)^2 / Hinv_cc^2
 
     def fit(w: torch.Tensor, weight: torch.Tensor, c: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
