@@ -115,3 +115,20 @@ def test_long_work_shows_progress_on_stderr_unless_quiet(tiny_search_model_dir, 
     assert main([*argv, "--out", str(tmp_path / "b"), "--quiet"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.startswith("wrote ")
+
+
+def test_a_search_without_a_plan_within_the_budget_does_not_claim_one(monkeypatch, tmp_path, capsys):
+    """No verified plan within the budget: no plan.json, and the closing lines do not name one."""
+    import types
+
+    import optuna
+
+    import paretoq.search
+
+    study = optuna.create_study(study_name="s", directions=["minimize", "minimize"])
+    state = types.SimpleNamespace(study=study, plan=None, interrupted=False, out=tmp_path / "o")
+    monkeypatch.setattr(paretoq.search, "run_search", lambda cfg: state)
+    assert main(["search", "--budget", "2.5", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "no verified plan within 2.5 bits yet, so no plan.json" in out
+    assert "plan.json" not in out.split("\n", 1)[1] and "wrote" in out
