@@ -16,8 +16,17 @@ def _config(model_dir, tmp_path, **kw):
 
 
 @pytest.mark.slow
-def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path):
+def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path, monkeypatch):
     state = run_search(_config(tiny_search_model_dir, tmp_path))
+    import matplotlib.figure
+
+    from paretoq import report
+
+    legend, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: legend.extend(fig.axes[0].get_legend_handles_labels()[1]) or savefig(fig, *a, **k))
+    report.plot_front(state, tmp_path / "front-again.png")
+    assert {"verified front", "baselines (seed heuristics, knapsack)", "budget 3 bits"} <= set(legend)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["artifacts", "front.json", "front.png", "plan.json", "report.md"]
     plan = json.loads((out / "plan.json").read_text())
