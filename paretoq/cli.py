@@ -18,7 +18,7 @@ from pathlib import Path
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
 from paretoq.quant import BITS
-from paretoq.quant.settings import FLAGS, GRIDS, MIN_DAMP, QuantSettings, settings_for
+from paretoq.quant.settings import FLAGS, GRIDS, MIN_DAMP, QuantSettings, check, settings_for
 from paretoq.storage import HEARTBEAT_SECONDS
 
 
@@ -107,20 +107,24 @@ def device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text!r}; pass cpu or cuda (cuda:N for one GPU)")
 
 
+def _setting(name: str, value, message: str):
+    """``value`` if the quantizer setting ``name`` accepts it (``paretoq.quant.settings.check``, the
+    rule plans are held to), else argparse's one-line ``message``."""
+    try:
+        return check(name, value)
+    except ParetoqError:
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def group_size(text: str) -> int:
     value = integer()(text)
-    if value == 0 or value < -1:
-        raise argparse.ArgumentTypeError(f"{value} is not a group size; pass a positive integer (e.g. 128) or -1 "
+    return _setting("group_size", value, f"{value} is not a group size; pass a positive integer (e.g. 128) or -1 "
                                          f"(per channel)")
-    return value
 
 
 def damp(text: str) -> float:
     accepted = f"a number from {MIN_DAMP:g} to 1, e.g. {QuantSettings.damp}"
-    value = _number(text, accepted)
-    if not (MIN_DAMP <= value <= 1):
-        raise argparse.ArgumentTypeError(f"{text!r} is out of range; pass {accepted}")
-    return value
+    return _setting("damp", _number(text, accepted), f"{text!r} is out of range; pass {accepted}")
 
 
 def port(text: str) -> int:
