@@ -33,7 +33,7 @@ from paretoq.cache import (CorruptEntry, atomic_write_text, cache_root, digest, 
                            load_checked_tensors, load_entry, model_fingerprint, read_checked_json,
                            save_checked_tensors, write_checked_json)
 from paretoq.capture import (DEFAULT_BATCH_SIZE, DEFAULT_BLOCK_SAMPLES, BlockStates, Capture, Routing,
-                             block_positions, capture_layer, capture_meta)
+                             block_positions, capture_meta, in_pass, layer_captures)
 from paretoq.data import TokenSet
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import DEFAULT_MAX_BYTES, DiskLogprobs, Reference
@@ -41,7 +41,7 @@ from paretoq.probes.features import Features, compute_features
 from paretoq.probes.outlier import outlier_scores
 from paretoq.probes.significance import ALPHA
 from paretoq.quant.apply import quantize_components
-from paretoq.quant.cache import QuantCache
+from paretoq.quant.cache import QuantCache, merge_packed, packed_entry
 from paretoq.quant.quantizer import QuantSettings
 from paretoq.walk import StreamedModel
 
@@ -268,17 +268,26 @@ def _walk(sm, calib, ref_parts, ref_dirs, cache, todo_quant, cap_dir, todo_captu
         widths = sorted(b for (layer, b) in todo_quant if layer == i)
         with sm.layer(i) as layer:
             if need_hooks:  # a probe needs no Hessian
-                cap = capture_layer(sm, i, layer, calib_h, calib_shapes, positions, ids.flatten(),
-                                    hessians=bool(widths), update=True)
-                keys = [c.key for c in adapter.components if c.layer == i]
-                factors = {}  # each input's Hessian factored once, for every width
-                for b in widths:
-                    cache.write(i, b, quantize_components(adapter, cap, dict.fromkeys(keys, b), cache.settings,
-                                                          factors))
-                del factors
-                if todo_capture:
-                    _save_light_capture(cap_dir, i, cap, outlier_scores(adapter, layer=i))
-                del cap  # the Hessians go with it
+                keys = [c for c in adapter.components if c.layer == i]
+                parts: dict[int, tuple] = {}  # width -> entry, when the experts' Hessians take several passes
+                for cap, chunk, first in layer_captures(sm, i, layer, calib_h, calib_shapes, positions, ids.flatten(),
+                                                        update=True, hessians=bool(widths)):
+                    mine = [c.key for c in keys if in_pass(c, chunk, first)]
+                    factors = {}  # each input's Hessian factored once, for every width
+                    for b in widths:
+                        q = quantize_components(adapter, cap, dict.fromkeys(mine, b), cache.settings, factors)
+                        if chunk is None:  # the whole layer in one pass: write each width at once
+                            cache.write(i, b, q)
+                        else:
+                            parts[b] = merge_packed(parts.get(b), packed_entry(q, b))
+                        del q
+                    del factors
+                    if first and todo_capture:
+                        _save_light_capture(cap_dir, i, cap, outlier_scores(adapter, layer=i))
+                    del cap  # the Hessians go with it, before the next pass
+                for b, entry in parts.items():
+                    cache.write_packed(i, b, entry)
+                del parts
             for name in ref_parts:
                 eval_h[name] = [sm.run(i, layer, x, shape) for x, shape in zip(eval_h[name], eval_shapes[name])]
     vocab = sm.model.config.vocab_size

@@ -35,6 +35,11 @@ DEFAULT_BATCH_SIZE = 8
 # States kept per MLP sublayer for the cosine predictor: enough to fit a 2-layer FFN of a few
 # thousand weights and still hold a quarter out for scoring.
 DEFAULT_BLOCK_SAMPLES = 4096
+# The routed experts' float32 Hessians one capture pass may hold (`expert_chunks`). One pass covers a
+# whole layer of Qwen3-30B-A3B (2.5 GB); Mixtral-8x7B (7.1 GB), Qwen3-235B-A22B (9.8 GB) and
+# DeepSeek-V3 (57 GB) take 2, 3 and 14 passes, each a forward of the layer over the calibration
+# tokens: cheap beside the GPTQ they feed, and what keeps a 256-expert layer within one device.
+MAX_HESSIAN_BYTES = 4 << 30
 
 
 @dataclass
@@ -141,9 +146,13 @@ class _StopForward(Exception):
 class _Recorder:
     """The hooks of one capture pass and what they accumulate."""
 
-    def __init__(self, adapter: Adapter, block_positions: torch.Tensor, hessians: bool = True):
+    def __init__(self, adapter: Adapter, block_positions: torch.Tensor, hessians: bool = True,
+                 experts: set[int] | None = None, others: bool = True):
         self.adapter = adapter
         self.want_hessians = hessians  # False: routing, token counts and block samples only (probes)
+        # One pass of a chunked capture (`layer_captures`): the Hessians of these routed experts
+        # only (None: all), and, when ``others``, everything else (non-expert Hessians, routing, block samples).
+        self.experts, self.others = experts, others
         self.hessians: dict[str, torch.Tensor] = {}
         self.site: dict[str, str] = {}
         self.tokens: dict[str, int] = {}
@@ -169,7 +178,7 @@ class _Recorder:
             if site is None:  # first reader of this tensor: it owns the site
                 site = key
                 seen.append((x, site))
-                if self.want_hessians:
+                if self.want_hessians and self.others:
                     _accumulate(self.hessians, site, x)
             self.site[key] = site
             self.tokens[key] = self.tokens.get(key, 0) + x.numel() // x.shape[-1]
@@ -181,14 +190,15 @@ class _Recorder:
             bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
             hidden, index, weights = list(bound.values())[:3]
             hidden = hidden.reshape(-1, hidden.shape[-1])
-            self.routing.setdefault(layer, []).append((index.detach().cpu().long(), weights.detach().float().cpu()))
+            if self.others:
+                self.routing.setdefault(layer, []).append((index.detach().cpu().long(), weights.detach().float().cpu()))
             with torch.no_grad():
                 for e in range(num_experts):
                     rows = (index == e).any(dim=-1).nonzero().squeeze(1)
                     x = hidden[rows]
                     keys = [f"{prefix}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
                     site_in, site_down = f"{prefix}.{e}.input", f"{prefix}.{e}.down_proj"
-                    if rows.numel() and self.want_hessians:
+                    if rows.numel() and self.want_hessians and (self.experts is None or e in self.experts):
                         _accumulate(self.hessians, site_in, x)
                         _accumulate(self.hessians, site_down, expert_intermediate(module, e, x))
                     for key in keys:
@@ -245,7 +255,7 @@ class _Recorder:
         for i, layer in enumerate(a.layers):
             mlp = getattr(layer, a.arch.mlp, None)
             norm = getattr(layer, "post_attention_layernorm", None)
-            if mlp is not None and norm is not None and wanted(i) and self.block_positions.numel():
+            if mlp is not None and norm is not None and wanted(i) and self.block_positions.numel() and self.others:
                 self.handles.append(norm.register_forward_pre_hook(self.block_in_hook(i)))
                 self.handles.append(mlp.register_forward_hook(self.block_out_hook(i)))
         if stop and layers:
@@ -321,12 +331,14 @@ def capture_meta(calib: TokenSet, positions: torch.Tensor, seed: int) -> dict:
 
 @torch.no_grad()
 def capture_layer(sm, i: int, layer, hidden: list[torch.Tensor], shapes: list[tuple], positions: torch.Tensor,
-                  token_ids: torch.Tensor, hessians: bool = True, update: bool = False) -> Capture:
+                  token_ids: torch.Tensor, hessians: bool = True, update: bool = False,
+                  experts: set[int] | None = None, others: bool = True) -> Capture:
     """Run decoder layer ``i`` of a streamed model (`paretoq.walk.StreamedModel`) over the
     calibration batches ``hidden`` with the hooks attached, and return its capture. ``update``:
     replace each batch by the layer's output as it goes (the walk's next inputs, never two copies
-    of the activations); otherwise the outputs are dropped (the caller changes the layer first)."""
-    rec = _Recorder(sm.adapter, positions, hessians=hessians)
+    of the activations); otherwise the outputs are dropped (the caller changes the layer first).
+    ``experts``/``others``: one pass of a chunked capture (`layer_captures`)."""
+    rec = _Recorder(sm.adapter, positions, hessians=hessians, experts=experts, others=others)
     rec.attach({i}, stop=False)
     try:
         for j, (x, shape) in enumerate(zip(hidden, shapes)):
@@ -339,6 +351,56 @@ def capture_layer(sm, i: int, layer, hidden: list[torch.Tensor], shapes: list[tu
     finally:
         rec.detach()
     return rec.result(token_ids)
+
+
+def expert_chunks(adapter: Adapter, layer: int, max_bytes: int) -> list[set[int] | None]:
+    """The routed experts of ``layer`` split into chunks whose float32 Hessians (``in^2 * 4`` bytes
+    per input site: the expert's input and its down projection's) fit in ``max_bytes``, one
+    capture pass each; ``[None]`` (one pass, every expert) when they all fit or the layer has none."""
+    block = next((b for b in adapter.moe_blocks if b.layer == layer), None)
+    if block is None:
+        return [None]
+    per_expert = []
+    for e in range(block.num_experts):
+        sites = {}
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{block.experts_path}.{e}.{proj}"
+            if adapter.has(key):
+                sites["down" if proj == "down_proj" else "in"] = adapter.component(key).shape[1]
+        per_expert.append(sum(n * n * 4 for n in sites.values()))
+    if sum(per_expert) <= max_bytes:
+        return [None]
+    chunks: list[set[int] | None] = [set()]
+    used = 0
+    for e, size in enumerate(per_expert):
+        if chunks[-1] and used + size > max_bytes:  # a chunk holds at least one expert, whatever its size
+            chunks.append(set())
+            used = 0
+        chunks[-1].add(e)
+        used += size
+    return chunks
+
+
+def layer_captures(sm, i: int, layer, hidden: list[torch.Tensor], shapes: list[tuple], positions: torch.Tensor,
+                   token_ids: torch.Tensor, update: bool = False, hessians: bool = True):
+    """Layer ``i``'s capture with Hessians, in as many passes over the calibration batches as its
+    routed experts' Hessians need to stay within `MAX_HESSIAN_BYTES` (`expert_chunks`): yields
+    ``(capture, chunk, first)`` per pass. The first pass also holds the non-expert Hessians, the
+    routing and the block samples; each pass holds its chunk's expert Hessians (``chunk`` None: all)
+    and every component's token counts. Only the last pass replaces ``hidden`` (``update``), so
+    every pass sees the same inputs and the Hessians equal one pass's. Each capture is the
+    caller's to quantize and drop before the next pass runs. ``hessians=False``: one pass, none."""
+    chunks = expert_chunks(sm.adapter, i, MAX_HESSIAN_BYTES) if hessians else [None]
+    for c, chunk in enumerate(chunks):
+        yield (capture_layer(sm, i, layer, hidden, shapes, positions, token_ids, hessians=hessians,
+                             update=update and c == len(chunks) - 1, experts=chunk, others=c == 0), chunk, c == 0)
+
+
+def in_pass(component, chunk: set[int] | None, first: bool) -> bool:
+    """Whether a pass of `layer_captures` holds ``component``'s Hessian."""
+    if component.kind == "expert":
+        return chunk is None or component.expert in chunk
+    return first
 
 
 def capture_key(loaded, calib: TokenSet, block_samples: int = DEFAULT_BLOCK_SAMPLES, seed: int = 0) -> str:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import MOE_TYPES, tiny_model
 from paretoq.calibrate import prepare
-from paretoq.capture import capture
+from paretoq.capture import capture, expert_chunks
 from paretoq.data import TokenSet
 from paretoq.evaluate import Assembler, StreamedEvaluator, compute_reference, evaluate
 from paretoq.models import get_adapter, load_model
@@ -92,6 +92,66 @@ def test_quantize_in_one_walk_matches_layer_by_layer_capture(tiny_search_model_d
     for key, info in index["components"].items():
         codes = unpack(state[f"{key}.qweight"], info["bits"], info["shape"][1])
         assert torch.equal(codes, want.tensors[key].codes), key
+
+
+def test_expert_chunks_cover_each_expert_once_within_the_budget(tiny_search_model_dir):
+    adapter = load_model(tiny_search_model_dir).adapter
+    block = adapter.moe_blocks[0]
+    sizes = [sum(adapter.component(f"{block.experts_path}.{e}.{p}").shape[1] ** 2 * 4 for p in ("gate_proj", "down_proj"))
+             for e in range(block.num_experts)]
+    assert expert_chunks(adapter, block.layer, sum(sizes)) == [None]  # all fit: one pass
+    assert expert_chunks(adapter, 0, 1) == [None]  # a dense layer has no routed experts
+    for budget in (1, sizes[0], 2 * sizes[0] + 1, sum(sizes) - 1):
+        chunks = expert_chunks(adapter, block.layer, budget)
+        assert sorted(e for c in chunks for e in c) == list(range(block.num_experts))
+        assert len(chunks) > 1 and all(len(c) == 1 or sum(sizes[e] for e in c) <= budget for c in chunks)
+        if budget < 2 * min(sizes):
+            assert all(len(c) == 1 for c in chunks)
+
+
+def test_experts_captured_in_several_passes_give_the_same_cache_and_checkpoint(tiny_search_model_dir, tmp_path,
+                                                                               monkeypatch):
+    """One expert's Hessians per pass (the budget below any expert's) against one pass per layer:
+    the same quant-cache codes, losses and light capture, and the same sequentially quantized checkpoint."""
+    import paretoq.capture as capture_module
+
+    calib, evals = TokenSet(_ids(128, 6, 32, 1), "c"), TokenSet(_ids(128, 5, 32, 2), "e")
+    settings = QuantSettings(group_size=32)
+    full = load_model(tiny_search_model_dir)
+    plan = Plan({c.key: (2, 3, 4, 8)[i % 4] for i, c in enumerate(full.adapter.components)}, settings)
+    plan_path = tmp_path / "plan.json"
+    plan.save(plan_path, full.adapter)
+    got = {}
+    for budget in (capture_module.MAX_HESSIAN_BYTES, 1):
+        monkeypatch.setattr(capture_module, "MAX_HESSIAN_BYTES", budget)
+        monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / f"cache{budget}"))
+        sm = open_model(tiny_search_model_dir, max_memory=0)
+        passes = []
+        monkeypatch.setattr(capture_module, "capture_layer", _counting(capture_module.capture_layer, passes))
+        prep = prepare(sm, calib, {"eval": evals}, settings, (2, 4), progress=False)
+        out = tmp_path / f"ckpt{budget}"
+        quantize(plan=plan_path, out=out, model=str(tiny_search_model_dir), calib="demo", calib_tokens=512,
+                 eval_tokens=256, seq_len=64, max_memory=0, progress=False)
+        got[budget] = prep, read_quantized(out), len(passes)
+    (one, (i1, s1), n1), (many, (i2, s2), n2) = got.values()
+    experts = sum(b.num_experts for b in full.adapter.moe_blocks)
+    moe_layers = len(full.adapter.moe_blocks)
+    assert n2 - n1 == 2 * (experts - moe_layers)  # the calibration walk's and quantize's extra passes
+    for c in full.adapter.components:
+        for b in (2, 4):
+            assert torch.equal(one.cache.get(c.key, b).codes, many.cache.get(c.key, b).codes), (c.key, b)
+            assert one.cache.loss[(c.key, b)] == many.cache.loss[(c.key, b)]
+    assert one.features.to_dict() == many.features.to_dict()  # routing, usage, block samples: from the first pass
+    assert i1["components"] == i2["components"] and s1.keys() == s2.keys()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def _counting(fn, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def test_sizes_parse():

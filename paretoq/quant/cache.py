@@ -38,6 +38,28 @@ from paretoq.quant.quantizer import BITS, QuantizedTensor, QuantSettings
 DEFAULT_MAX_BYTES = 2 << 30
 
 
+def packed_entry(q, bits: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """A `QuantizedComponents` at ``bits`` as a cache entry's tensors (codes packed to bits/8 bytes
+    a weight) and metadata."""
+    tensors, meta = {}, {}
+    for key, t in q.tensors.items():
+        tensors[f"{key}/codes"] = pack(t.codes.cpu(), bits)
+        tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
+        tensors[f"{key}/zeros"] = t.zeros.contiguous().cpu()
+        loss = q.loss[key]
+        meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
+                     "in": int(t.codes.shape[-1]), "tokens": q.tokens.get(key, 0)}
+    return tensors, meta
+
+
+def merge_packed(into: tuple[dict, dict] | None, part: tuple[dict, dict]) -> tuple[dict, dict]:
+    if into is None:
+        return part
+    into[0].update(part[0])
+    into[1].update(part[1])
+    return into
+
+
 def _nbytes(entry: dict[str, QuantizedTensor]) -> int:
     return sum(t.codes.nbytes + t.scales.nbytes + t.zeros.nbytes for t in entry.values())
 
@@ -95,15 +117,12 @@ class QuantCache:
 
     def write(self, layer: int, bits: int, q) -> None:
         """Store the layer's quantized components at ``bits`` (a `QuantizedComponents`)."""
-        tensors, meta = {}, {}
-        for key, t in q.tensors.items():
-            tensors[f"{key}/codes"] = pack(t.codes.cpu(), bits)  # bits/8 bytes a weight on disk
-            tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
-            tensors[f"{key}/zeros"] = t.zeros.contiguous().cpu()
-            loss = q.loss[key]
-            meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
-                         "in": int(t.codes.shape[-1]),
-                         "tokens": q.tokens.get(key, 0)}
+        self.write_packed(layer, bits, packed_entry(q, bits))
+
+    def write_packed(self, layer: int, bits: int, entry: tuple[dict, dict]) -> None:
+        """Store a layer's entry from `packed_entry` parts merged with `merge_packed` (a layer
+        quantized in several capture passes)."""
+        tensors, meta = entry
         save_checked_tensors(self.path(layer, bits), tensors, metadata={"index": json.dumps(meta)})
         self.computed += 1
         self._note(meta, bits)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from paretoq.cache import atomic_directory, check_writable_dir
-from paretoq.capture import DEFAULT_BATCH_SIZE, capture, capture_layer
+from paretoq.capture import DEFAULT_BATCH_SIZE, capture, in_pass, layer_captures
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, TokenSet, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter
@@ -73,9 +73,13 @@ def _walk_quantize(sm: StreamedModel, plan: Plan, calib: TokenSet, writer: Check
         with sm.layer(i) as layer:
             q = QuantizedComponents()
             if bits:
-                cap = capture_layer(sm, i, layer, hidden, shapes, torch.zeros(0, dtype=torch.long), ids.flatten())
-                q = quantize_components(adapter, cap, bits, plan.quant)
-                del cap
+                # Every pass captures the layer as read: its weights change only once all are quantized.
+                for cap, chunk, first in layer_captures(sm, i, layer, hidden, shapes, torch.zeros(0, dtype=torch.long),
+                                                        ids.flatten()):
+                    q.update(quantize_components(adapter, cap, {k: b for k, b in bits.items()
+                                                                if in_pass(adapter.component(k), chunk, first)},
+                                                 plan.quant))
+                    del cap
                 for key, t in q.tensors.items():
                     adapter.set_weight(key, t.dequantize())
             hidden = [sm.run(i, layer, x, shape) for x, shape in zip(hidden, shapes)]
