@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from paretoq.eval_plans import eval_plans, format_report
 
     report = eval_plans(
-        plans=args.plan or [], uniform=args.uniform or [], model=args.model, calib=args.calib,
+        plans=args.plan or [], uniform=args.uniform or [], gguf=args.gguf or [], model=args.model, calib=args.calib,
         calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed,
         lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--plan", nargs="+", help="one or more plan.json files")
     p.add_argument("--uniform", type=bit_width, nargs="+", help="also evaluate every component at these widths")
+    p.add_argument("--gguf", nargs="+", metavar="FILE",
+                   help="also evaluate GGUF files converted from --model (llama.cpp's or anyone's), dequantized "
+                        "with gguf's own code")
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="comma-separated lm-eval tasks run in-process and offline; 'demo' = the demo's two local tasks")
     p.add_argument("--lm-eval-limit", type=integer(1), help="evaluate only the first N documents of each task")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from paretoq.calibrate import prepare
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import Assembler, EvalResult, StreamedEvaluator, run_lm_eval
+from paretoq.export.gguf_read import open_gguf
 from paretoq.plan import Plan
 from paretoq.quant.quantizer import BITS
 from paretoq.quant.settings import settings_for
@@ -69,6 +74,7 @@ def check_tasks(tasks: list) -> None:
 def eval_plans(
     plans: list[str | Path] = (),
     uniform: list[int] = (),
+    gguf: list[str | Path] = (),
     model: str = "demo",
     calib: str = "demo",
     calib_tokens: int = DEFAULT_CALIB_TOKENS,
@@ -85,16 +91,18 @@ def eval_plans(
     trust_remote_code: bool = False,
     quant: dict | None = None,
 ) -> EvalReport:
-    """Evaluate plan files and/or uniform widths on the model's eval tokens (and lm-eval tasks).
-    ``quant``: quantizer settings (``QuantSettings`` field -> value) over each plan's own."""
+    """Evaluate plan files, uniform widths and GGUF files on the model's eval tokens (and lm-eval
+    tasks). ``quant``: quantizer settings (``QuantSettings`` field -> value) over each plan's own.
+    A GGUF's components, token embedding and output matrix are dequantized into the model
+    (`paretoq.export.gguf_read`); its bits are what the file stores per weight."""
     named = [(str(p), Plan.load(p)) for p in plans]
     for _, plan in named:
         plan.quant = settings_for(quant or {}, base=plan.quant)
     for b in uniform:
         if b not in BITS:
             raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
-    if not named and not uniform:
-        raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more) or --uniform BITS")
+    if not named and not uniform and not gguf:
+        raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more), --uniform BITS or --gguf FILE")
     tasks = expand_tasks(list(lm_eval))
     check_tasks(tasks)
     docs = read_documents(calib)
@@ -102,6 +110,7 @@ def eval_plans(
     named += [(f"uniform-{b}", Plan.uniform(sm.adapter, b, quant=settings_for(quant or {}))) for b in uniform]
     for _, plan in named:
         plan.validate(sm.adapter)  # every check before any work
+    ggufs = [(Path(p).name, open_gguf(p, sm.adapter, sm.model.config)) for p in gguf]
     sets = load_token_sets(sm.loaded.tokenizer, calib, calib_tokens, eval_tokens, seq_len, seed, documents=docs)
     parts = {"eval": sets.eval}
     report = EvalReport([])
@@ -109,10 +118,15 @@ def eval_plans(
     for name, plan in named:
         by_settings.setdefault(plan.quant, set()).update(plan.bits.values())
     evaluators = {}
+    references = None
     for settings, widths in by_settings.items():  # one walk per quantizer setting (usually one)
         prep = prepare(sm, sets.calib, parts, settings, tuple(sorted(widths)), seed=seed, features=False,
                        use_cache=use_cache, progress=progress)
         evaluators[settings] = (StreamedEvaluator(sm, prep.cache.weight, parts, prep.references), prep.cache)
+        references = prep.references
+    if references is None:  # GGUFs only: the fp reference alone
+        references = prepare(sm, sets.calib, parts, seed=seed, features=False, use_cache=use_cache,
+                             progress=progress).references
     if tasks:
         sm.materialize_all()
         report.fp_lm_eval = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len,
@@ -126,7 +140,41 @@ def eval_plans(
                 scores = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
         a = sm.adapter
         report.plans.append(PlanEval(name, plan.avg_bits(a), plan.effective_bits(a), plan.size_bytes(a), result, scores))
+    for name, g in ggufs:
+        comps = {c.key: c for c in sm.adapter.components}
+        bits = dict.fromkeys(comps, 0)  # every component from the file; the width is the file's, not a plan's
+
+        def weight_of(key: str, _bits: int, g=g) -> torch.Tensor:
+            return g.weight(comps[key])
+
+        with outside_weights(sm.model, g.outside()):
+            result = StreamedEvaluator(sm, weight_of, parts, references).evaluate(bits, "eval")
+            scores = {}
+            if tasks:
+                with Assembler(sm.adapter, weight_of).apply(bits):
+                    scores = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
+        bpw, nbytes = g.bits(sm.adapter)
+        report.plans.append(PlanEval(name, bpw, bpw, nbytes, result, scores))
     return report
+
+
+@contextmanager
+def outside_weights(model, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The token embedding and output matrix replaced by ``tensors`` ({"embed", "lm_head"}) for the
+    duration, then restored. A tied output follows the embedding."""
+    slots = {"embed": model.get_input_embeddings().weight, "lm_head": model.get_output_embeddings().weight}
+    saved = {}
+    try:
+        for role, W in tensors.items():
+            p = slots[role]
+            saved[role] = p.detach().clone()
+            with torch.no_grad():
+                p.copy_(W.to(p.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for role, W in saved.items():
+                slots[role].copy_(W)
 
 
 def _headline(metrics: dict) -> list[tuple[str, float]]:
