@@ -472,9 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="surrogate", choices=["surrogate", "local", "nsga2", "random"],
                    help="surrogate-assisted search (default), local exchanges ranked by the sensitivities alone, "
                         "plain NSGA-II, or random search")
-    p.add_argument("--sensitivity", default="unit", choices=["unit", "group"],
-                   help="measured sensitivity: per layer and kind, shared by GPTQ error (default; cost independent "
-                        "of the group count), or each group alone (groups x widths evaluations)")
+    p.add_argument("--sensitivity", default="auto", choices=["auto", "unit", "lowest", "group"],
+                   help="measured sensitivity: 'lowest' (each group alone at its lowest width, scaled to the others "
+                        "by GPTQ error: groups evaluations), 'unit' (per layer and kind, shared by GPTQ error: cost "
+                        "independent of the group count), 'group' (each group alone at each width); 'auto' (default): "
+                        "lowest when it costs no more evaluations than --trials, else unit")
     p.add_argument("--jobs", type=integer(1), default=1,
                    help="worker processes on this machine, all verifying trials of one study (default 1)")
     p.add_argument("--heartbeat", type=integer(1), default=HEARTBEAT_SECONDS, metavar="SECONDS",

@@ -56,7 +56,7 @@ from paretoq.models import Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
-from paretoq.probes.sensitivity import measure_sensitivity
+from paretoq.probes.sensitivity import measure_sensitivity, resolve_method
 from paretoq.quant.settings import QuantSettings, check_group_size, flag_args, settings_for
 from paretoq.storage import DEFAULT_STORAGE, HEARTBEAT_SECONDS, open_storage
 from paretoq.space import (Group, SearchSpace, component_bits, decode_genome, encode_genome, load_space, make_groups,
@@ -88,7 +88,7 @@ class SearchConfig:
     mode: str = "surrogate"
     with_baselines: bool = True
     round_size: int = 10
-    sensitivity: str = "unit"  # probes/sensitivity.py: "unit" (cost independent of G) or "group"
+    sensitivity: str = "auto"  # probes/sensitivity.py: "auto", "unit" (cost independent of G), "lowest", "group"
     sensitivity_tokens: int = 2048
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
@@ -339,7 +339,8 @@ def run_search(cfg: SearchConfig) -> SearchState:
 
 def _sensitivity_tables(cfg: SearchConfig, groups: list[Group], prep: Prepared) -> Tables:
     usage = {g.name: float(np.mean([prep.usage.get(k, 1.0) for k in g.keys])) for g in groups}
-    sensitivity = measure_sensitivity(lambda bits: prep.evaluator.evaluate(bits, "sens").kl, groups, cfg.sensitivity,
+    method = resolve_method(cfg.sensitivity, groups, cfg.trials)
+    sensitivity = measure_sensitivity(lambda bits: prep.evaluator.evaluate(bits, "sens").kl, groups, method,
                                       loss=prep.loss, usage=usage, cache_key=prep.cache_key, progress=cfg.progress)
     return build_tables(groups, sensitivity, prep.loss, usage)
 

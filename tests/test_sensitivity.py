@@ -1,6 +1,6 @@
 import pytest
 
-from paretoq.probes.sensitivity import evaluations, measure_sensitivity, units
+from paretoq.probes.sensitivity import evaluations, measure_sensitivity, resolve_method, units
 from paretoq.space import Group
 
 
@@ -40,3 +40,31 @@ def test_group_method_measures_each_group_alone():
     seen = []
     sens = measure_sensitivity(lambda bits: seen.append(bits) or 0.1, groups, "group")
     assert len(seen) == 12 and all(len(b) == 2 for b in seen) and sens[groups[0].name] == {2: 0.1, 3: 0.1, 4: 0.1, 8: 0.1}
+
+
+def test_lowest_method_measures_each_group_once_and_scales_by_gptq_error():
+    groups = _groups()
+    loss = {(k, b): (1 + i) * 2.0 ** -b for i, g in enumerate(groups) for k in g.keys for b in g.choices}
+    loss.pop((groups[-1].keys[0], 4))  # a component rounded to nearest at 4 bits: no GPTQ error there
+    calls = []
+
+    def measure(bits):  # a group's KL: its index times 3, halving per bit
+        calls.append(bits)
+        i = next(i for i, g in enumerate(groups) if set(g.keys) == set(bits))
+        return 3.0 * (1 + i) * 2.0 ** -min(bits.values())
+
+    sens = measure_sensitivity(measure, groups, "lowest", loss=loss)
+    assert len(calls) == evaluations(groups, "lowest") == len(groups)  # one evaluation per group
+    assert all(set(b.values()) == {min(g.choices)} for b, g in zip(calls, groups))  # at its lowest width
+    for i, g in enumerate(groups[:-1]):
+        at_lowest = 3.0 * (1 + i) * 2.0 ** -min(g.choices)
+        assert sens[g.name] == pytest.approx({b: at_lowest * 2.0 ** (min(g.choices) - b) for b in g.choices})
+    last = groups[-1]
+    assert sens[last.name][4] == pytest.approx(sens[last.name][2] / 16)  # no error: 4x less per added bit
+
+
+def test_auto_is_lowest_when_it_costs_no_more_than_the_trials():
+    groups = _groups()  # 14 groups
+    assert resolve_method("auto", groups, trials=14) == "lowest"
+    assert resolve_method("auto", groups, trials=13) == "unit"
+    assert resolve_method("group", groups, trials=1000) == "group"

@@ -1,19 +1,28 @@
 """Measured sensitivity: each group's KL cost at each width, on the selection windows (never the
 held-out ones). The knapsack baseline and the surrogate's prior stand on it.
 
-Two methods:
+Methods, from the most to the least exact (the cheapest last):
 
-- ``unit`` (the default; O(layers x kinds x widths) evaluations, independent of G): each unit
-  (a layer's groups of one kind: its attention projections, its shared expert, its routed experts)
-  is quantized alone at each width, everything else in full precision, and the unit's measured KL
-  is shared among its groups in proportion to their GPTQ output error (``cache.loss``, a per-token
-  mean since GPTQ scales the Hessian by 1/tokens) times how often the group runs (routing usage;
-  1 outside routed experts). That is, each group's error is mapped to the final KL by one factor
-  per (unit, width), fitted on that unit's own measurement, as exllamav2's measurement pass maps
-  layer errors. Summed over a unit at one width it gives back the unit's measured KL exactly.
-  The demo: 14 units x 4 widths = 56 evaluations, where ``group`` needs 256.
-- ``group``: each group quantized alone at each width (G x widths evaluations): exact per group,
-  for small models.
+- ``group``: each group quantized alone at each width (G x widths evaluations): exact per group.
+- ``lowest``: each group quantized alone at its lowest width only (G evaluations), its KL at every
+  other width that measurement times the ratio of its GPTQ output error there to its error at the
+  lowest (``cache.loss``; where GPTQ has no error, a component rounded to nearest for want of
+  tokens, 4x less per added bit, the noise power of a uniform grid). What differs between the
+  experts of one layer (their routing weights, the tokens they see, where their errors land)
+  is measured, and only the shape across widths is borrowed from GPTQ.
+- ``unit`` (O(layers x kinds x widths) evaluations, independent of G): each unit (a layer's groups
+  of one kind: its attention projections, its shared expert, its routed experts) is quantized
+  alone at each width, everything else in full precision, and the unit's measured KL is shared
+  among its groups in proportion to their GPTQ output error (a per-token mean, since GPTQ scales
+  the Hessian by 1/tokens) times how often the group runs (routing usage; 1 outside routed
+  experts). That is, each group's error is mapped to the final KL by one factor per (unit,
+  width), fitted on that unit's own measurement, as exllamav2's measurement pass maps layer
+  errors. Summed over a unit at one width it gives back the unit's measured KL exactly.
+- ``auto`` (the default): ``lowest`` when it costs no more evaluations than the search's verified
+  trials, else ``unit``. The demo (64 groups, 100 trials) gets ``lowest``: 64 evaluations where
+  ``group`` needs 256 and ``unit`` 56, and on held-out windows its knapsack plans come within 6-8%
+  of ``group``'s where ``unit``'s are 13-20% off (studies/demo/README.md). Qwen3-30B-A3B (6,336
+  groups) gets ``unit``.
 """
 
 from __future__ import annotations
@@ -26,8 +35,15 @@ from tqdm import tqdm
 from paretoq.cache import cache_root, digest, load_entry, read_checked_json, write_checked_json
 from paretoq.space import Group
 
-METHODS = ("unit", "group")
+METHODS = ("auto", "unit", "lowest", "group")
 Measure = Callable[[dict[str, int]], float]  # component key -> bits, the rest in fp  ->  KL
+
+
+def resolve_method(method: str, groups: list[Group], trials: int) -> str:
+    """``auto`` as the method it stands for (module docstring); any other method as it is."""
+    if method != "auto":
+        return method
+    return "lowest" if evaluations(groups, "lowest") <= trials else "unit"
 
 
 def _cached(path, compute) -> dict[str, dict[int, float]]:
@@ -50,6 +66,8 @@ def measure_sensitivity(measure: Measure, groups: list[Group], method: str = "un
         return _cached(path, lambda: _by_group(measure, groups, progress))
     if method == "unit":
         return _cached(path, lambda: _by_unit(measure, groups, loss or {}, usage or {}, progress))
+    if method == "lowest":
+        return _cached(path, lambda: _at_lowest(measure, groups, loss or {}, progress))
     raise ValueError(f"unknown sensitivity method {method!r}")
 
 
@@ -64,6 +82,8 @@ def evaluations(groups: list[Group], method: str = "unit") -> int:
     """How many plans a method evaluates (for cost accounting)."""
     if method == "group":
         return sum(len(g.choices) for g in groups)
+    if method == "lowest":
+        return len(groups)
     return sum(len({b for g in gs for b in g.choices}) for gs in units(groups).values())
 
 
@@ -72,6 +92,26 @@ def _by_group(measure: Measure, groups: list[Group], progress: bool) -> dict[str
     jobs = [(g, b) for g in groups for b in g.choices]
     for g, b in tqdm(jobs, desc="sensitivity", unit="eval", disable=not progress):
         out.setdefault(g.name, {})[b] = measure({k: b for k in g.keys})
+    return out
+
+
+def _error(g: Group, b: int, loss: dict[tuple[str, int], float]) -> float:
+    """The group's GPTQ output error at ``b`` (NaN where a component has none: rounded to nearest)."""
+    return sum(loss.get((k, b), math.nan) for k in g.keys)
+
+
+def _at_lowest(measure: Measure, groups: list[Group], loss: dict[tuple[str, int], float],
+               progress: bool) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for g in tqdm(groups, desc="sensitivity", unit="eval", disable=not progress):
+        lo = min(g.choices)
+        kl = measure({k: lo for k in g.keys})
+        base = _error(g, lo, loss)
+        out[g.name] = {}
+        for b in g.choices:
+            err = _error(g, b, loss)
+            ratio = err / base if math.isfinite(err) and math.isfinite(base) and base > 0 else 4.0 ** (lo - b)
+            out[g.name][b] = kl * ratio
     return out
 
 
