@@ -14,6 +14,28 @@ def test_round_trip(bits, n):
     assert torch.equal(unpack(packed, bits, n), codes.to(torch.uint8))
 
 
+def _bitwise_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layout read literally, one bit at a time (the module's first implementation)."""
+    rows, n = codes.shape
+    stream = ((codes.long()[..., None] >> torch.arange(bits)) & 1).reshape(rows, n * bits)
+    words = packed_words(n, bits)
+    stream = torch.nn.functional.pad(stream, (0, words * 32 - n * bits)).reshape(rows, words, 32)
+    w = (stream << torch.arange(32)).sum(-1)
+    return (w - ((w >> 31) << 32)).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("n", [768, 64, 100, 33, 1])
+def test_pack_and_unpack_match_the_layout_read_bit_by_bit(bits, n):
+    """Every path of unpack (whole values per word, 3-bit triples, the general pair of words) against
+    the bitstream built one bit at a time, on rows that hit word boundaries everywhere."""
+    codes = torch.randint(0, 2**bits, (9, n), generator=torch.Generator().manual_seed(n + bits), dtype=torch.uint8)
+    codes[0] = 2**bits - 1  # every bit set: sign bits of the int32 words
+    want = _bitwise_pack(codes, bits)
+    assert torch.equal(pack(codes, bits), want)
+    assert torch.equal(unpack(want, bits, n), codes)
+
+
 def test_layout_is_a_little_endian_bitstream():
     assert pack(torch.tensor([[1, 2, 3]], dtype=torch.uint8), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
     # 3 bits: value 10 (code 5) straddles words 0 and 1: bits 30..32
