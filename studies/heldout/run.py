@@ -2,7 +2,7 @@
 seed papers' heuristics and uniform GPTQ, on eval windows the search never selected on, over seeds.
 
     PARETOQ_CACHE=... python studies/heldout/run.py [--models demo,DIR] [--budgets 2.5,3,4] [--seeds 0,1,2]
-                                                    [--trials 60] [--out studies/heldout]
+                                                    [--trials 100] [--out studies/heldout]
 
 Each (model, seed) draws its own calibration and eval windows (``--seed`` of `paretoq search`), so
 the seeds vary the data as well as the search. Every number in the table is ``kl_test``: mean
@@ -86,7 +86,7 @@ def main() -> int:
     p.add_argument("--models", default="demo")
     p.add_argument("--budgets", default="2.5,3,4")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--trials", type=int, default=100)  # paretoq search's default
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args()
     out = Path(a.out)
