@@ -6,6 +6,8 @@
 #
 # QUANT (environment): quantizer flags for search, quantize and eval, e.g. QUANT="--grid minmax".
 # PARETOQ_CACHE (environment): the cache (default: a new directory beside the outputs), shared by the stages.
+# WORK (environment): the directory for outputs and the study (default: a new one); a stage run again with
+#   the same WORK resumes (an interrupted search continues its study).
 # The model is made by studies/scale/make_model.py. Results go to stdout as one JSON line per stage.
 set -euo pipefail
 model=$1; cap=$2; shift 2
@@ -15,7 +17,7 @@ mkdir "$cg"
 trap 'rmdir "$cg" 2>/dev/null || true' EXIT
 echo "$cap" > "$cg/memory.limit_in_bytes"
 common=(--model "$model" --max-memory 0 --calib-tokens 512 --eval-tokens 512 --seq-len 128)
-work="$(mktemp -d)"
+work="${WORK:-$(mktemp -d)}"
 export PARETOQ_CACHE="${PARETOQ_CACHE:-$work/cache}"
 read -r -a quant <<< "${QUANT:-}"
 for stage in "$@"; do
