@@ -51,12 +51,33 @@ def tiny_model(model_type: str, seed: int = 0, dtype=torch.float32):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype, experts_implementation="eager")
-    # Some routers start at zero (DeepSeek-V3) and would route every token alike: give them weights.
+    return _routers_drawn(model).eval()
+
+
+def _routers_drawn(model):
+    """Some routers start at zero (DeepSeek-V3) and would route every token alike: give them weights."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.abs().sum() == 0 and p.dim() >= 2:
                 p.normal_(0, 0.5)
-    return model.eval()
+    return model
+
+
+def save_tiny_with_demo_tokenizer(path, model_type: str, **overrides):
+    """A tiny ``model_type`` (seed 0) that speaks the demo's tokenizer, saved with it into ``path``,
+    so paretoq's commands run on it end to end with the demo's text."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from paretoq.models import load_tokenizer
+    from paretoq.models.loading import demo_dir
+
+    tok = load_tokenizer(demo_dir())
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **TINY[model_type], "vocab_size": len(tok), **overrides})
+    torch.manual_seed(0)
+    model = _routers_drawn(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(params=MOE_TYPES + DENSE_TYPES)
@@ -80,22 +101,5 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_search_model_dir(tmp_path_factory):
     """A tiny deepseek_v3 (dense first layer, shared and routed experts) that speaks the demo's
     tokenizer, so searches, probes and evaluations run end to end in seconds."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from paretoq.models import load_tokenizer
-    from paretoq.models.loading import demo_dir
-
-    tok = load_tokenizer(demo_dir())
-    cfg = AutoConfig.for_model("deepseek_v3", **{**COMMON, **TINY["deepseek_v3"], "vocab_size": len(tok),
-                                                  "num_hidden_layers": 3, "bos_token_id": 0, "eos_token_id": 0,
-                                                  "pad_token_id": 0})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0 and p.dim() >= 2:
-                p.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("tiny_search")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_with_demo_tokenizer(tmp_path_factory.mktemp("tiny_search"), "deepseek_v3", num_hidden_layers=3,
+                                         bos_token_id=0, eos_token_id=0, pad_token_id=0)

@@ -6,35 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import COMMON, TINY
+from conftest import save_tiny_with_demo_tokenizer
 from paretoq.errors import ParetoqError
 from paretoq.eval_plans import eval_plans, outside_weights
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.llamacpp import GGUF_ARCH, gguf_names
-from paretoq.models import load_tokenizer
-from paretoq.models.loading import demo_dir
 from paretoq.walk import open_model
 
 DATA = dict(calib_tokens=256, eval_tokens=256, seq_len=64, progress=False)
 
 
 def _model_dir(tmp_path, model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    tok = load_tokenizer(demo_dir())
-    extra = {"first_k_dense_replace": 1} if model_type == "deepseek_v3" else {}
-    cfg = AutoConfig.for_model(model_type, **{**COMMON, **TINY[model_type], **extra, "vocab_size": len(tok),
-                                              "tie_word_embeddings": False})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, experts_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0 and p.dim() >= 2:
-                p.normal_(0, 0.5)
-    path = tmp_path / model_type
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_with_demo_tokenizer(tmp_path / model_type, model_type, tie_word_embeddings=False)
 
 
 def _converter_layout(adapter, config, arch: str) -> dict[str, np.ndarray]:
