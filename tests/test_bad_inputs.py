@@ -126,6 +126,7 @@ def ws(tmp_path_factory, tiny_search_model_dir):
     }
     for name, text in plans.items():
         (root / name).write_text(text)
+    (root / "junk.gguf").write_bytes(b"GGUF and then nothing a reader can use")
 
     # A checkpoint, and two damaged copies of it.
     code, _, err, _ = run(["quantize", "--model", str(model), "--uniform", "4", "--out", "ckpt", "--quiet", *TINY],
@@ -217,6 +218,10 @@ ROWS = [
     ("plan-model-type-quantize", [*Q, "--plan", "other-model.json"], ["'mixtral'", "'deepseek_v3'"], True, None),
     ("plan-model-type-eval", ["eval", "--model", "tiny", "--plan", "other-model.json", *TINY],
      ["'mixtral'", "'deepseek_v3'"], True, None),
+    ("eval-gguf-junk", ["eval", "--model", "tiny", "--gguf", "junk.gguf", *TINY],
+     ["junk.gguf", "not a readable GGUF file"], True, None),
+    ("eval-gguf-missing", ["eval", "--model", "tiny", "--gguf", "nowhere.gguf", *TINY],
+     ["nowhere.gguf", "does not exist"], True, None),
     ("plan-model-type-export", ["export", "--plan", "other-model.json", "--format", "json", "--out", "e"],
      ["'mixtral'", "'deepseek_v3'"], True, None),
     # outputs that cannot be written: refused before the work
