@@ -1,0 +1,123 @@
+"""llama.cpp's own mixtures against paretoq plans applied by llama-quantize, on one scale (issue 18).
+
+    PARETOQ_CACHE=... python studies/llamacpp/run.py LLAMA_CPP_DIR [--model demo] [--budgets 2.5,3,3.5,4]
+                                                     [--ftypes Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M] [--trials 60]
+                                                     [--work /tmp/paretoq-llamacpp] [--out studies/llamacpp]
+
+LLAMA_CPP_DIR is a llama.cpp source tree with ``build/bin/llama-quantize`` built (the sdist of
+llama-cpp-python carries one under ``vendor/llama.cpp``; docs/benchmarks.md says how to build it
+offline). Every GGUF is made by llama.cpp itself, from one f32 GGUF written by its own converter:
+
+- llama.cpp's mixtures: ``llama-quantize f32.gguf out.gguf FTYPE``;
+- paretoq's: ``paretoq search --target llamacpp --budget B``, then ``paretoq export --format llamacpp``
+  (a tensor-type file and a base type), then ``llama-quantize --tensor-type-file ... BASE``.
+
+No importance matrix anywhere. Each GGUF is measured by ``paretoq eval --gguf`` on the eval windows
+of ``--seed`` 0: bits per weight over the searched components as the file stores them (block scales
+included), KL and perplexity. The search measures paretoq's GPTQ at nominal widths (2/3/4/8), not
+ggml's quantizers at their real sizes, so its plans are not chosen for llama.cpp's types: this
+table says how well they transfer. Writes result.json and result.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from paretoq.cache import atomic_write_text
+from paretoq.eval_plans import eval_plans
+
+HERE = Path(__file__).resolve().parent
+
+
+def convert(llama: Path, model: Path, out: Path) -> None:
+    """llama.cpp's own convert_hf_to_gguf.py, in a subprocess. A tokenizer trained here has no known
+    pre-tokenizer hash; byte-level BPE behaves as GPT-2's, so that is what the converter is told."""
+    code = f"""
+import sys
+sys.path[:0] = [{str(llama)!r}, {str(llama / 'gguf-py')!r}]
+import conversion.base as base
+for cls in [getattr(base, n) for n in dir(base)]:
+    if isinstance(cls, type) and "get_vocab_base_pre" in cls.__dict__:
+        cls.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", {str(model)!r}, "--outtype", "f32", "--outfile", {str(out)!r}]
+convert_hf_to_gguf.main()
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def quantize(llama: Path, src: Path, out: Path, ftype: str, types_file: Path | None = None) -> None:
+    args = [str(llama / "build" / "bin" / "llama-quantize")]
+    args += ["--tensor-type-file", str(types_file)] if types_file else []
+    subprocess.run([*args, str(src), str(out), ftype], check=True, capture_output=True)
+
+
+def paretoq(*args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "paretoq.cli", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("llama_cpp", type=Path)
+    p.add_argument("--model", default="demo")
+    p.add_argument("--budgets", default="2.5,3,3.5,4")
+    p.add_argument("--ftypes", default="Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M")
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--work", type=Path, default=Path("/tmp/paretoq-llamacpp"))
+    p.add_argument("--out", type=Path, default=HERE)
+    a = p.parse_args()
+    from paretoq.models.loading import demo_dir
+
+    model = demo_dir() if a.model == "demo" else Path(a.model)
+    a.work.mkdir(parents=True, exist_ok=True)
+    f32 = a.work / "model-f32.gguf"
+    if not f32.is_file():
+        convert(a.llama_cpp, model, f32)
+    ggufs: dict[str, dict] = {}
+    for ftype in a.ftypes.split(","):
+        out = a.work / f"llamacpp-{ftype}.gguf"
+        if not out.is_file():
+            quantize(a.llama_cpp, f32, out, ftype)
+        ggufs[out.name] = {"source": "llama.cpp", "ftype": ftype}
+    storage = f"sqlite:///{(a.work / 'study.db').resolve()}"
+    for budget in a.budgets.split(","):
+        run = a.work / f"search-{budget}"
+        if not (run / "plan.json").is_file():
+            paretoq("search", "--model", str(a.model), "--target", "llamacpp", "--budget", budget, "--trials",
+                    str(a.trials), "--study", f"llamacpp-{budget}", "--storage", storage, "--out", str(run), "--quiet")
+        export = a.work / f"export-{budget}"
+        said = paretoq("export", "--plan", str(run / "plan.json"), "--format", "llamacpp", "--out", str(export),
+                       "--model", str(model))
+        # the export's own next step names the base type (for the tensors no line of the file names)
+        base_ftype = next(line for line in said.splitlines() if "llama-quantize" in line).split()[-1]
+        out = a.work / f"paretoq-{budget}.gguf"
+        quantize(a.llama_cpp, f32, out, base_ftype, export / "tensor-types.txt")
+        ggufs[out.name] = {"source": "paretoq", "budget": float(budget), "base": base_ftype}
+    report = eval_plans(gguf=[a.work / n for n in ggufs], model=str(a.model), progress=False)
+    rows = []
+    for pe in report.plans:
+        r = pe.result
+        rows.append({**ggufs[pe.name], "gguf": pe.name, "bpw": pe.avg_bits, "bytes": pe.size_bytes, "kl": r.kl,
+                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement})
+    rows.sort(key=lambda r: r["bpw"])
+    a.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(a.out / "result.json", json.dumps(rows, indent=1) + "\n")
+    lines = ["| GGUF | made by | bits per weight (components) | KL | perplexity | top-1 agreement |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        who = (f"paretoq plan at budget {r['budget']:g}, base {r['base']}" if r["source"] == "paretoq"
+               else f"llama.cpp {r['ftype']}")
+        lines.append(f"| {r['gguf']} | {who} | {r['bpw']:.3f} | {r['kl']:.4g} | {r['ppl']:.3f} | {r['agreement']:.4f} |")
+    lines.append(f"\nFull-precision perplexity {rows[0]['ppl_fp']:.3f}." if rows else "")
+    atomic_write_text(a.out / "result.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
