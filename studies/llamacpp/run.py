@@ -12,9 +12,12 @@ offline). Every GGUF is made by llama.cpp itself, from one f32 GGUF written by i
 - paretoq's: ``paretoq search --target llamacpp --budget B``, then ``paretoq export --format llamacpp``
   (a tensor-type file and a base type), then ``llama-quantize --tensor-type-file ... BASE``.
 
-No importance matrix anywhere. Each GGUF is measured by ``paretoq eval --gguf`` on the eval windows
-of ``--seed`` 0: bits per weight over the searched components as the file stores them (block scales
-included), KL and perplexity. The search measures paretoq's GPTQ at nominal widths (2/3/4/8), not
+No importance matrix anywhere. Each GGUF is measured twice on the same text, the eval windows of
+seed 0: by ``paretoq eval --gguf`` (bits per weight over the searched components as the file stores
+them, block scales included; KL and perplexity), and by llama.cpp's own ``llama-perplexity
+--kl-divergence`` against the f32 GGUF, over those windows decoded to text (llama.cpp re-tokenizes
+it and scores the second half of each 256-token chunk, so its mean KLD is over other positions,
+computed in other precisions). The search measures paretoq's GPTQ at nominal widths (2/3/4/8), not
 ggml's quantizers at their real sizes, so its plans are not chosen for llama.cpp's types: this
 table says how well they transfer. Writes result.json and result.md into --out.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +58,40 @@ def quantize(llama: Path, src: Path, out: Path, ftype: str, types_file: Path | N
     args = [str(llama / "build" / "bin" / "llama-quantize")]
     args += ["--tensor-type-file", str(types_file)] if types_file else []
     subprocess.run([*args, str(src), str(out), ftype], check=True, capture_output=True)
+
+
+def eval_text(model: Path, out: Path) -> None:
+    """The eval windows of seed 0, decoded, one window per line: the text both tools measure."""
+    from transformers import AutoTokenizer
+
+    from paretoq.data import load_token_sets
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    windows = load_token_sets(tok).eval.input_ids
+    atomic_write_text(out, "\n".join(tok.decode(w) for w in windows) + "\n")
+
+
+def llama_kld(llama: Path, f32: Path, ggufs: list[Path], text: Path, work: Path) -> dict[str, float]:
+    """llama-perplexity's mean KLD of each GGUF against the f32 one. --no-repack: this build's CPU
+    weight repacking aborts on the demo's quantized GGUFs (ecosystem.md)."""
+    exe = str(llama / "build" / "bin" / "llama-perplexity")
+    common = ["-f", str(text), "-c", "256", "-b", "256", "--no-repack", "-t", "2"]
+    base = work / "f32.kld"
+    if not base.is_file():
+        subprocess.run([exe, "-m", str(f32), *common, "--kl-divergence-base", str(base)], check=True,
+                       capture_output=True)
+    out = {}
+    for g in ggufs:
+        for _ in range(5):  # its logger thread sometimes loses the last lines at exit, the statistics among them
+            said = subprocess.run([exe, "-m", str(g), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
+                                  check=True, capture_output=True, text=True)
+            found = re.search(r"Mean\s+KLD:\s+(\S+)", said.stdout + "\n" + said.stderr)
+            if found is not None:
+                out[g.name] = float(found.group(1))
+                break
+        else:
+            raise RuntimeError(f"llama-perplexity printed no mean KLD for {g} in five runs")
+    return out
 
 
 def paretoq(*args: str) -> str:
@@ -94,25 +132,33 @@ def main() -> int:
         said = paretoq("export", "--plan", str(run / "plan.json"), "--format", "llamacpp", "--out", str(export),
                        "--model", str(model))
         # the export's own next step names the base type (for the tensors no line of the file names)
-        base_ftype = next(line for line in said.splitlines() if "llama-quantize" in line).split()[-1]
+        base_ftype = next(line for line in said.splitlines() if line.strip().startswith("llama-quantize")).split()[-1]
         out = a.work / f"paretoq-{budget}.gguf"
         quantize(a.llama_cpp, f32, out, base_ftype, export / "tensor-types.txt")
         ggufs[out.name] = {"source": "paretoq", "budget": float(budget), "base": base_ftype}
+    text = a.work / "eval.txt"
+    if not text.is_file():
+        eval_text(model, text)
+    kld = llama_kld(a.llama_cpp, f32, [a.work / n for n in ggufs], text, a.work)
     report = eval_plans(gguf=[a.work / n for n in ggufs], model=str(a.model), progress=False)
     rows = []
     for pe in report.plans:
         r = pe.result
         rows.append({**ggufs[pe.name], "gguf": pe.name, "bpw": pe.avg_bits, "bytes": pe.size_bytes, "kl": r.kl,
-                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement})
+                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement, "llama_kld": kld[pe.name]})
     rows.sort(key=lambda r: r["bpw"])
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out / "result.json", json.dumps(rows, indent=1) + "\n")
-    lines = ["| GGUF | made by | bits per weight (components) | KL | perplexity | top-1 agreement |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| GGUF | made by | bits per weight (components) | KL (paretoq eval --gguf) | mean KLD (llama-perplexity) "
+             "| KL / KLD | perplexity | top-1 agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         who = (f"paretoq plan at budget {r['budget']:g}, base {r['base']}" if r["source"] == "paretoq"
                else f"llama.cpp {r['ftype']}")
-        lines.append(f"| {r['gguf']} | {who} | {r['bpw']:.3f} | {r['kl']:.4g} | {r['ppl']:.3f} | {r['agreement']:.4f} |")
+        lines.append(f"| {r['gguf']} | {who} | {r['bpw']:.3f} | {r['kl']:.4g} | {r['llama_kld']:.4g} | "
+                     f"{r['kl'] / r['llama_kld']:.3f} | {r['ppl']:.3f} | {r['agreement']:.4f} |")
+    same = [sorted(rows, key=lambda r: r[k]) for k in ("kl", "llama_kld")]
+    lines.append("\nThe two tools rank the files " + ("the same way." if same[0] == same[1] else "differently."))
     lines.append(f"\nFull-precision perplexity {rows[0]['ppl_fp']:.3f}." if rows else "")
     atomic_write_text(a.out / "result.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
