@@ -201,6 +201,25 @@ def test_llamacpp_tensor_types_resolve_every_tensor(model):
                 assert not [ty for rx, ty in rules if rx.search(d)], d
 
 
+def test_llamacpp_base_ftype_follows_the_average_width(model):
+    """The base ftype sets token_embd and output: the mixture of the widest width at or below the plan's
+    average, not its most common width (most weights at 3 bits, the average at 4 or more: Q4_K_M)."""
+    model_type, _, adapter = model
+    comps = sorted(adapter.components, key=lambda c: -c.params)
+    total = sum(c.params for c in comps)
+    bits, held = {}, 0
+    for c in comps:  # the largest components at 3 bits until they hold over half the parameters
+        bits[c.key] = 3 if held < total / 2 else 8
+        held += c.params
+    plan = Plan(bits)
+    ctx = context(model_type, adapter, TARGETS["llamacpp"], plan)
+    avg = plan.avg_bits(adapter)
+    expected = "Q4_K_M" if avg >= 4 else "Q3_K_M"
+    assert llamacpp.write(ctx).next.split()[-1] == expected, avg
+    ctx = context(model_type, adapter, TARGETS["llamacpp"], Plan({c.key: 2 for c in comps}))
+    assert llamacpp.write(ctx).next.split()[-1] == "Q2_K"
+
+
 def test_gguf_names_match_the_converters_tensor_map(model):
     import gguf
     model_type, _, adapter = model

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from paretoq.errors import ParetoqError
-from paretoq.export.common import Context, Export, base_bits
+from paretoq.export.common import Context, Export
 from paretoq.models import Component
 
 FILE = "tensor-types.txt"
@@ -82,6 +82,15 @@ def _pattern(names: tuple[str, ...]) -> str:
     return rf"^blk\.{layer}\.{tail}\.weight$"
 
 
+def base_width(ctx: Context) -> int:
+    """The width whose llama.cpp mixture sets the tensors no line names (token_embd, output): the widest
+    choice at or below the plan's average width, so they get the types llama.cpp itself gives them at
+    about the plan's size. The plan's most common width would be too low: a plan at 4 bits on average
+    that keeps most expert weights at 3 would otherwise leave the token embedding at q3_k."""
+    avg = ctx.plan.avg_bits(ctx.adapter)
+    return max((b for b in BASE_FTYPE if b <= avg + 1e-9), default=min(BASE_FTYPE))
+
+
 def write(ctx: Context) -> Export:
     notes = []
     arch = GGUF_ARCH.get(ctx.model_type)
@@ -93,7 +102,7 @@ def write(ctx: Context) -> Export:
     if any(t.startswith("iq") for t in types.values()):
         notes.append("i-quants (iq*) need an importance matrix: add --imatrix FILE (from llama-imatrix)")
     notes.append("K-quants need rows a multiple of 256 wide; llama-quantize falls back to other types otherwise")
-    base = BASE_FTYPE[base_bits(ctx.plan, ctx.adapter)]
+    base = BASE_FTYPE[base_width(ctx)]
     command = (f"python convert_hf_to_gguf.py {ctx.model_path} --outtype bf16 --outfile {{out}}/model-bf16.gguf\n"
                f"llama-quantize --tensor-type-file {{out}}/{FILE} {{out}}/model-bf16.gguf {{out}}/model-paretoq.gguf {base}")
     return Export({FILE: "\n".join(lines(ctx)) + "\n"}, command, tuple(notes))
