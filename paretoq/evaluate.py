@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -76,9 +76,13 @@ class EvalResult:
     agreement: float
     tokens: int
     exact_kl: bool
+    # mean KL of each eval window, in order: paired comparisons of two plans on the same windows
+    kl_windows: tuple[float, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        del d["kl_windows"]  # per-window detail stays in the study, not in reports
+        return d
 
 
 def _batches(ids: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -119,32 +123,33 @@ def compute_reference(model, eval_set: TokenSet, max_bytes: int = DEFAULT_MAX_BY
 
 
 def _kl_batch(ref: Reference, rows: slice, lq: torch.Tensor) -> torch.Tensor:
-    """Sum over the batch's positions of KL(p || q), on ``lq``'s device."""
+    """Sum over each window's positions of KL(p || q), ``[B]`` on ``lq``'s device."""
     if ref.exact:
         lp = ref.logprobs[rows].to(lq.device)
-        return (lp.exp() * (lp - lq)).sum()
+        return (lp.exp() * (lp - lq)).sum((-1, -2))
     d = lq.device
     idx, lp, tail = ref.topk_index[rows].long().to(d), ref.topk_logp[rows].to(d), ref.tail_logp[rows].to(d)
     lq_top = lq.gather(-1, idx)
     lq_tail = torch.log1p(-lq_top.exp().sum(-1).clamp(max=1 - 1e-7))
-    return (lp.exp() * (lp - lq_top)).sum() + (tail.exp() * (tail - lq_tail)).sum()
+    return (lp.exp() * (lp - lq_top)).sum((-1, -2)) + (tail.exp() * (tail - lq_tail)).sum(-1)
 
 
 def evaluate(model, ref: Reference, batch_size: int = DEFAULT_BATCH_SIZE) -> EvalResult:
     """KL to the reference, perplexity and top-1 agreement of ``model`` on the reference's tokens."""
     ids = ref.input_ids
-    sums = [0.0, 0.0, 0.0]
-    for start in range(0, ids.shape[0], batch_size):
-        rows = slice(start, start + batch_size)
-        sums = [t + x for t, x in zip(sums, _metrics_batch(ref, rows, _logprobs(model, ids[rows]), ids[rows]))]
-    return _result(ref, *sums)
+    batches = [_metrics_batch(ref, slice(s, s + batch_size), _logprobs(model, ids[s : s + batch_size]),
+                              ids[s : s + batch_size]) for s in range(0, ids.shape[0], batch_size)]
+    return _result(ref, batches)
 
 
-def _result(ref: Reference, kl: float, nll: float, agree: float) -> EvalResult:
-    """The metrics from their sums over the reference's predicted positions."""
+def _result(ref: Reference, batches: list[tuple[list[float], float, int]]) -> EvalResult:
+    """The metrics from their sums over the reference's predicted positions, batch by batch."""
     n = ref.input_ids[:, 1:].numel()
+    per_window = ref.input_ids.shape[1] - 1
+    kl_rows = [k for b in batches for k in b[0]]
+    kl, nll, agree = sum(kl_rows), sum(b[1] for b in batches), sum(b[2] for b in batches)
     return EvalResult(kl=max(kl / n, 0.0), ppl=math.exp(nll / n), ppl_fp=ref.ppl, agreement=agree / n, tokens=n,
-                      exact_kl=ref.exact)
+                      exact_kl=ref.exact, kl_windows=tuple(k / per_window for k in kl_rows))
 
 
 class Assembler:
@@ -193,9 +198,11 @@ class DiskLogprobs:
         return t[start - offset : stop - offset]
 
 
-def _metrics_batch(ref: Reference, rows: slice, lq: torch.Tensor, batch: torch.Tensor) -> tuple[float, float, int]:
-    """(sum of KL, sum of NLL, top-1 agreements) over one batch; the reference's rows go to ``lq``'s device."""
-    kl = _kl_batch(ref, rows, lq).item()
+def _metrics_batch(ref: Reference, rows: slice, lq: torch.Tensor,
+                   batch: torch.Tensor) -> tuple[list[float], float, int]:
+    """(each window's sum of KL, sum of NLL, top-1 agreements) over one batch; the reference's rows go to
+    ``lq``'s device."""
+    kl = _kl_batch(ref, rows, lq).tolist()
     nll = -lq.gather(-1, batch[:, 1:, None].to(lq.device)).sum().item()
     agree = (lq.argmax(-1).cpu() == ref.argmax[rows]).sum().item()
     return kl, nll, agree
@@ -269,12 +276,12 @@ class StreamedEvaluator:
             inputs.append(h)
             self.layers_run += 1
         self._prefix[part] = (sigs, inputs)
-        sums = [0.0, 0.0, 0.0]
+        batches = []
         for j, x in enumerate(h):
             rows = slice(j * bs, j * bs + shapes[j][0])
-            sums = [t + v for t, v in zip(sums, _metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))]
+            batches.append(_metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))
         self.evaluations += 1
-        return _result(ref, *sums)
+        return _result(ref, batches)
 
 
 def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,

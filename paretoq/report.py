@@ -151,8 +151,15 @@ def report_markdown(state) -> str:
     if state.plan is not None:
         m = state.plan.metrics
         test = f", held-out KL {m['kl_test']:.4g}" if m.get("kl_test") is not None else ""
-        lines += [f"**Best plan within the budget**: trial {m['trial']} ({m['source']}), KL {m['kl']:.4g}{test}, "
+        kept = m.get("kept_knapsack_over")
+        title = "Returned plan, the exact knapsack's" if kept else "Best plan within the budget"
+        lines += [f"**{title}**: trial {m['trial']} ({m['source']}), KL {m['kl']:.4g}{test}, "
                   f"perplexity {m['ppl']:.3f}, top-1 agreement {m['agreement']:.4f}.", ""]
+        if kept:
+            lines += [f"Trial {kept['trial']} had a lower KL on the selection windows ({kept['kl']:.4g}), but its lead "
+                      f"over the knapsack, {kept['gain_per_window']:.3g} per window on average, is within what choosing "
+                      f"the best of the searched plans gives by chance ({kept['gain_needed']:.3g}: sqrt(2 ln m) paired "
+                      "standard errors), so the plan that needed no choosing is returned.", ""]
     best = c["best"]
     lines += ["## Claims (held-out windows, non-baseline trials)", ""]
     if best is None:

@@ -46,6 +46,14 @@ def test_kl_is_zero_for_the_fp_model_and_matches_a_full_vocabulary_computation()
     assert got.kl > 0
     assert got.kl == pytest.approx(kl, rel=1e-4)
     assert got.ppl == pytest.approx(ppl, rel=1e-5) and got.agreement == pytest.approx(agree)
+    # each window's own KL, in order, across batch boundaries (batch 3 of 4 windows), exact and top-k
+    _, _, _, lp, lq = _direct(fp, q, ids)
+    per_window = (lp.exp() * (lp - lq)).sum(-1).mean(-1)
+    assert got.kl_windows == pytest.approx(per_window.tolist(), rel=1e-4)
+    top = compute_reference(fp, TokenSet(ids, "t"), max_bytes=0, top_k=8, batch_size=3)
+    approx = evaluate(q, top, batch_size=3)
+    assert sum(approx.kl_windows) / len(approx.kl_windows) == pytest.approx(approx.kl, rel=1e-6)
+    assert all(a <= w + 1e-6 for a, w in zip(approx.kl_windows, per_window.tolist()))  # a lower bound, window by window
 
 
 def test_top_k_kl_is_a_lower_bound_with_the_documented_gap():

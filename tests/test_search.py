@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from paretoq.cli import main
-from paretoq.search import SearchConfig, run_search
+from paretoq.search import SearchConfig, gain_within_noise, run_search
 
 
 def _config(model_dir, tmp_path, **kw):
@@ -67,6 +67,17 @@ def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path, 
         # one compact genome per trial, no Optuna parameter per group; the budget constraint once
         assert t.params == {} and len(t.user_attrs["genome"]) == len(state.groups)
         assert t.constraints == {"0": pytest.approx(t.values[1] - 3.0)}
+        # each window's KL, the paired evidence for the returned plan: their mean is the trial's KL
+        assert sum(t.user_attrs["kl_windows"]) / len(t.user_attrs["kl_windows"]) == pytest.approx(t.values[0], rel=1e-4)
+    # the plan is the best feasible trial, or the knapsack when that trial's lead is within the noise
+    feasible = [t for t in done if t.user_attrs["feasible"]]
+    best = min(feasible, key=lambda t: t.values[0])
+    knapsack = next(t for t in done if t.user_attrs["source"] == "baseline:knapsack")
+    searched = sum(not t.user_attrs["source"].startswith("baseline:") for t in feasible)
+    within = gain_within_noise(best.user_attrs["kl_windows"], knapsack.user_attrs["kl_windows"], searched)[0]
+    kept = best.number != knapsack.number and within
+    assert plan["metrics"]["trial"] == (knapsack.number if kept else best.number)
+    assert ("kept_knapsack_over" in plan["metrics"]) == kept
     sources = [t.user_attrs["source"] for t in done]
     assert "surrogate" in sources and "nsga2" in sources
     assert len([s for s in sources if s == "baseline:knapsack"]) == 1
@@ -82,6 +93,19 @@ def test_search_writes_the_outputs_and_resumes(tiny_search_model_dir, tmp_path, 
     assert len(done) == 36
     assert [t.user_attrs["source"] for t in done].count("baseline:knapsack") == 1
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_a_lead_counts_beyond_the_noise_of_choosing_among_candidates():
+    """sqrt(2 ln m) standard errors of the paired per-window differences, worked by hand."""
+    anchor = [1.0, 1.0]
+    best = [0.0, -2.0]  # gains 1 and 3: mean 2, sd sqrt(2), standard error 1
+    within, gain, needed = gain_within_noise(best, anchor, candidates=10)
+    assert gain == pytest.approx(2.0) and needed == pytest.approx((2 * __import__("math").log(10)) ** 0.5)
+    assert within  # 2 < 2.146: the best of 10 could lead by that much by luck
+    assert not gain_within_noise(best, anchor, candidates=2)[0]  # 2 > 1.177
+    assert gain_within_noise(anchor, anchor, candidates=50)[0]  # no lead at all
+    assert not gain_within_noise([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], candidates=1000)[0]  # a lead on every window
+    assert not gain_within_noise([0.5], [1.0], candidates=3)[0]  # one window: nothing to judge, the best stands
 
 
 @pytest.mark.parametrize("argv, message", [
