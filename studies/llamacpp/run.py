@@ -12,7 +12,8 @@ offline). Every GGUF is made by llama.cpp itself, from one f32 GGUF written by i
 - paretoq's: ``paretoq search --target llamacpp --budget B``, then ``paretoq export --format llamacpp``
   (a tensor-type file and a base type), then ``llama-quantize --tensor-type-file ... BASE``.
 
-No importance matrix anywhere. Each GGUF is measured twice on the same text, the eval windows of
+No importance matrix anywhere. The file size counts what the bits column leaves out (token_embd
+and output, whose types the base ftype sets). Each GGUF is measured twice on the same text, the eval windows of
 seed 0: by ``paretoq eval --gguf`` (bits per weight over the searched components as the file stores
 them, block scales included; KL and perplexity), and by llama.cpp's own ``llama-perplexity
 --kl-divergence`` against the f32 GGUF, over those windows decoded to text (llama.cpp re-tokenizes
@@ -145,17 +146,19 @@ def main() -> int:
     for pe in report.plans:
         r = pe.result
         rows.append({**ggufs[pe.name], "gguf": pe.name, "bpw": pe.avg_bits, "bytes": pe.size_bytes, "kl": r.kl,
-                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement, "llama_kld": kld[pe.name]})
+                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement, "llama_kld": kld[pe.name],
+                     "file_bytes": (a.work / pe.name).stat().st_size})
     rows.sort(key=lambda r: r["bpw"])
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out / "result.json", json.dumps(rows, indent=1) + "\n")
-    lines = ["| GGUF | made by | bits per weight (components) | KL (paretoq eval --gguf) | mean KLD (llama-perplexity) "
-             "| KL / KLD | perplexity | top-1 agreement |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| GGUF | made by | file MiB | bits per weight (components) | KL (paretoq eval --gguf) "
+             "| mean KLD (llama-perplexity) | KL / KLD | perplexity | top-1 agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         who = (f"paretoq plan at budget {r['budget']:g}, base {r['base']}" if r["source"] == "paretoq"
                else f"llama.cpp {r['ftype']}")
-        lines.append(f"| {r['gguf']} | {who} | {r['bpw']:.3f} | {r['kl']:.4g} | {r['llama_kld']:.4g} | "
+        lines.append(f"| {r['gguf']} | {who} | {r['file_bytes'] / 2**20:.3f} | {r['bpw']:.3f} | {r['kl']:.4g} | "
+                     f"{r['llama_kld']:.4g} | "
                      f"{r['kl'] / r['llama_kld']:.3f} | {r['ppl']:.3f} | {r['agreement']:.4f} |")
     same = [sorted(rows, key=lambda r: r[k]) for k in ("kl", "llama_kld")]
     lines.append("\nThe two tools rank the files " + ("the same way." if same[0] == same[1] else "differently."))
