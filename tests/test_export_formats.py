@@ -202,8 +202,8 @@ def test_llamacpp_tensor_types_resolve_every_tensor(model):
 
 
 def test_llamacpp_base_ftype_follows_the_average_width(model):
-    """The base ftype sets token_embd and output: the mixture of the widest width at or below the plan's
-    average, not its most common width (most weights at 3 bits, the average at 4 or more: Q4_K_M)."""
+    """The base ftype sets token_embd and output: the mixture of the width nearest the plan's average,
+    not its most common width (most weights at 3 bits, the average above 4: Q4_K_M)."""
     model_type, _, adapter = model
     comps = sorted(adapter.components, key=lambda c: -c.params)
     total = sum(c.params for c in comps)
@@ -214,10 +214,19 @@ def test_llamacpp_base_ftype_follows_the_average_width(model):
     plan = Plan(bits)
     ctx = context(model_type, adapter, TARGETS["llamacpp"], plan)
     avg = plan.avg_bits(adapter)
-    expected = "Q4_K_M" if avg >= 4 else "Q3_K_M"
+    expected = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}[min((2, 3, 4, 8), key=lambda b: (abs(b - avg), -b))]
     assert llamacpp.write(ctx).next.split()[-1] == expected, avg
     ctx = context(model_type, adapter, TARGETS["llamacpp"], Plan({c.key: 2 for c in comps}))
     assert llamacpp.write(ctx).next.split()[-1] == "Q2_K"
+
+
+def test_llamacpp_base_width_is_the_nearest_to_the_average():
+    """A plan just under its budget keeps the budget's mixture (2.99 bits: Q3_K_M's, not Q2_K's)."""
+    from types import SimpleNamespace
+
+    for avg, want in [(2.0, 2), (2.49, 2), (2.5, 3), (2.99, 3), (3.49, 3), (3.99, 4), (5.9, 4), (6.1, 8)]:
+        plan = SimpleNamespace(avg_bits=lambda adapter, a=avg: a)
+        assert llamacpp.base_width(SimpleNamespace(plan=plan, adapter=None)) == want, avg
 
 
 def test_gguf_names_match_the_converters_tensor_map(model):

@@ -83,12 +83,14 @@ def _pattern(names: tuple[str, ...]) -> str:
 
 
 def base_width(ctx: Context) -> int:
-    """The width whose llama.cpp mixture sets the tensors no line names (token_embd, output): the widest
-    choice at or below the plan's average width, so they get the types llama.cpp itself gives them at
-    about the plan's size. The plan's most common width would be too low: a plan at 4 bits on average
-    that keeps most expert weights at 3 would otherwise leave the token embedding at q3_k."""
+    """The width whose llama.cpp mixture sets the tensors no line names (token_embd, output): the choice
+    nearest the plan's average width (ties to the wider), so they get the types llama.cpp itself gives
+    them at about the plan's size. Not the plan's most common width: a plan at 4 bits on average that
+    keeps most expert weights at 3 would leave the token embedding at q3_k; and not the widest at or
+    below the average, which is always just under a budget (a plan of 2.99 bits would get Q2_K's
+    q2_k embedding: on the demo that more than doubled the KL of the budget-3 GGUF)."""
     avg = ctx.plan.avg_bits(ctx.adapter)
-    return max((b for b in BASE_FTYPE if b <= avg + 1e-9), default=min(BASE_FTYPE))
+    return min(BASE_FTYPE, key=lambda b: (abs(b - avg), -b))
 
 
 def write(ctx: Context) -> Export:
