@@ -83,10 +83,12 @@ def llama_kld(llama: Path, f32: Path, ggufs: list[Path], text: Path, work: Path)
                        capture_output=True)
     out = {}
     for g in ggufs:
+        log = work / f"{g.stem}.kld.log"
         for _ in range(5):  # its logger thread sometimes loses the last lines at exit, the statistics among them
-            said = subprocess.run([exe, "-m", str(g), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
-                                  check=True, capture_output=True, text=True)
-            found = re.search(r"Mean\s+KLD:\s+(\S+)", said.stdout + "\n" + said.stderr)
+            with open(log, "w") as f:
+                subprocess.run([exe, "-m", str(g), *common, "--kl-divergence-base", str(base), "--kl-divergence"],
+                               check=True, stdout=f, stderr=subprocess.STDOUT)
+            found = re.search(r"Mean\s+KLD:\s+(\S+)", log.read_text())
             if found is not None:
                 out[g.name] = float(found.group(1))
                 break
