@@ -337,12 +337,23 @@ def run_search(cfg: SearchConfig) -> SearchState:
     return search(cfg, groups, prep, storage, space_name=space.name, started=started, timings=timings)
 
 
-def _sensitivity_tables(cfg: SearchConfig, groups: list[Group], prep: Prepared) -> Tables:
+def _recorded_method(storage, name: str) -> str | None:
+    """The sensitivity method a study was started with (None for a new study)."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("sensitivity")
+    except KeyError:  # no such study yet
+        return None
+
+
+def _sensitivity_tables(cfg: SearchConfig, groups: list[Group], prep: Prepared,
+                        recorded: str | None = None) -> tuple[Tables, str]:
     usage = {g.name: float(np.mean([prep.usage.get(k, 1.0) for k in g.keys])) for g in groups}
-    method = resolve_method(cfg.sensitivity, groups, cfg.trials)
+    # `auto` depends on --trials; a resumed study keeps the method it started with, or a resume
+    # with another --trials would measure other sensitivities than its baselines were built on
+    method = recorded if cfg.sensitivity == "auto" and recorded else resolve_method(cfg.sensitivity, groups, cfg.trials)
     sensitivity = measure_sensitivity(lambda bits: prep.evaluator.evaluate(bits, "sens").kl, groups, method,
                                       loss=prep.loss, usage=usage, cache_key=prep.cache_key, progress=cfg.progress)
-    return build_tables(groups, sensitivity, prep.loss, usage)
+    return build_tables(groups, sensitivity, prep.loss, usage), method
 
 
 def _baselines(cfg: SearchConfig, groups: list[Group], prep: Prepared, tables: Tables) -> dict[str, str]:
@@ -413,7 +424,7 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
     out = Path(cfg.out) if cfg.out else Path("studies") / name
     ev = prep.evaluator
     t, before = time.time(), ev.evaluations
-    tables = _sensitivity_tables(cfg, groups, prep)
+    tables, method = _sensitivity_tables(cfg, groups, prep, _recorded_method(storage, name))
     evaluations = {"sensitivity": ev.evaluations - before}
     timings["measured sensitivity"] = time.time() - t
     t = time.time()
@@ -440,7 +451,8 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
         study.set_metric_names(["KL", "avg_bits"])
     quant = prep.settings.to_dict()
     for key, value in {"budget": cfg.budget, "model": str(cfg.model), "space": space_name,
-                       "target": cfg.target, "groups": len(groups), "quant": quant}.items():
+                       "target": cfg.target, "groups": len(groups), "quant": quant,
+                       "sensitivity": method}.items():
         study.set_user_attr(key, value)
     _enqueue_baselines(study, baseline_genomes, created)
     # What optuna-dashboard shows: figures, note and artifacts (paretoq/dashboard.py).
