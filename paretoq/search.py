@@ -606,11 +606,12 @@ def gain_within_noise(best: list[float], anchor: list[float], candidates: int) -
 
     The gain counts when the mean paired difference exceeds sqrt(2 ln m) standard errors: the
     expected largest of m standard normal draws is below that, so the best of m plans no better than
-    the anchor rarely clears it by chance. Fewer than two windows: nothing can be judged, so no.
+    the anchor rarely clears it by chance. Fewer than two windows, or windows that do not pair (a
+    study resumed from trials recorded before ``kl_windows`` existed): nothing can be judged, so no.
     """
+    if len(best) != len(anchor) or len(best) < 2:
+        return False, 0.0, 0.0
     d = np.asarray(anchor, dtype=np.float64) - np.asarray(best, dtype=np.float64)
-    if d.size < 2:
-        return False, float(d.mean()) if d.size else 0.0, 0.0
     threshold = math.sqrt(2 * math.log(max(candidates, 2))) * float(d.std(ddof=1)) / math.sqrt(d.size)
     return bool(d.mean() <= threshold), float(d.mean()), threshold
 

@@ -106,6 +106,7 @@ def test_a_lead_counts_beyond_the_noise_of_choosing_among_candidates():
     assert gain_within_noise(anchor, anchor, candidates=50)[0]  # no lead at all
     assert not gain_within_noise([0.5, 0.5, 0.5], [1.0, 1.0, 1.0], candidates=1000)[0]  # a lead on every window
     assert not gain_within_noise([0.5], [1.0], candidates=3)[0]  # one window: nothing to judge, the best stands
+    assert not gain_within_noise([], [1.0, 1.0], candidates=3)[0]  # a trial from before kl_windows: unpaired
 
 
 @pytest.mark.parametrize("argv, message", [
