@@ -5,6 +5,8 @@
 #   bash studies/scale/run_capped.sh MODEL_DIR CAP_BYTES STAGE [STAGE ...]     (STAGE: probe | eval | search | quantize)
 #
 # QUANT (environment): quantizer flags for search, quantize and eval, e.g. QUANT="--grid minmax".
+# TOKENS (environment): replaces the token flags (default "--calib-tokens 512 --eval-tokens 512 --seq-len 128").
+# SEARCH (environment): extra flags for search only, e.g. SEARCH="--sensitivity lowest".
 # PARETOQ_CACHE (environment): the cache (default: a new directory beside the outputs), shared by the stages.
 # WORK (environment): the directory for outputs and the study (default: a new one); a stage run again with
 #   the same WORK resumes (an interrupted search continues its study).
@@ -16,7 +18,9 @@ cg=/sys/fs/cgroup/memory/paretoq-scale-$$
 mkdir "$cg"
 trap 'rmdir "$cg" 2>/dev/null || true' EXIT
 echo "$cap" > "$cg/memory.limit_in_bytes"
-common=(--model "$model" --max-memory 0 --calib-tokens 512 --eval-tokens 512 --seq-len 128)
+read -r -a tokens <<< "${TOKENS:---calib-tokens 512 --eval-tokens 512 --seq-len 128}"
+common=(--model "$model" --max-memory 0 "${tokens[@]}")
+read -r -a search_flags <<< "${SEARCH:-}"
 work="${WORK:-$(mktemp -d)}"
 export PARETOQ_CACHE="${PARETOQ_CACHE:-$work/cache}"
 read -r -a quant <<< "${QUANT:-}"
@@ -25,7 +29,7 @@ for stage in "$@"; do
         probe) args=(probe --out "$work/probe") ;;
         eval) args=(eval --uniform 4 --json "${quant[@]}") ;;
         search) args=(search --budget 3 --trials 10 --space layer-experts --bits 2,4
-                      --storage "sqlite:///$work/study.db" --out "$work/search" "${quant[@]}") ;;
+                      --storage "sqlite:///$work/study.db" --out "$work/search" "${quant[@]}" ${search_flags[@]+"${search_flags[@]}"}) ;;
         quantize) args=(quantize --uniform 4 --out "$work/q4" "${quant[@]}") ;;
     esac
     echo 0 > "$cg/memory.max_usage_in_bytes"
