@@ -141,12 +141,7 @@ def eval_plans(
         a = sm.adapter
         report.plans.append(PlanEval(name, plan.avg_bits(a), plan.effective_bits(a), plan.size_bytes(a), result, scores))
     for name, g in ggufs:
-        comps = {c.key: c for c in sm.adapter.components}
-        bits = dict.fromkeys(comps, 0)  # every component from the file; the width is the file's, not a plan's
-
-        def weight_of(key: str, _bits: int, g=g) -> torch.Tensor:
-            return g.weight(comps[key])
-
+        weight_of, bits = g.as_plan(sm.adapter)
         with outside_weights(sm.model, g.outside()):
             result = StreamedEvaluator(sm, weight_of, parts, references).evaluate(bits, "eval")
             scores = {}

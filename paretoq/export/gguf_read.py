@@ -19,6 +19,7 @@ Norms and routers are left as the model has them: llama-quantize never quantizes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,16 @@ class GGUFWeights:
         v_b = self._dequantize(v_name)  # [heads, v, kv_lora_rank]
         kv = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)  # [heads, nope + v, kv_lora_rank]
         return kv.reshape(-1, kv.shape[-1])
+
+    def as_plan(self, adapter: Adapter) -> tuple[Callable[[str, int], torch.Tensor], dict[str, int]]:
+        """``(weight_of, bits)`` in the shape an evaluator takes a plan: every component from the file
+        (the width, 0, is a placeholder: the file's type is the width)."""
+        comps = {c.key: c for c in adapter.components}
+
+        def weight_of(key: str, _bits: int) -> torch.Tensor:
+            return self.weight(comps[key])
+
+        return weight_of, dict.fromkeys(comps, 0)
 
     def outside(self) -> dict[str, torch.Tensor]:
         """``{"embed": ..., "lm_head": ...}`` for those the GGUF holds (no ``output`` when tied)."""

@@ -24,7 +24,6 @@ from paretoq.export.gguf_read import open_gguf
 from paretoq.walk import open_model
 
 
-
 def per_position_kl(model, ids: torch.Tensor, ref: list[torch.Tensor]) -> torch.Tensor:
     """Mean KL(fp || model) at each position, over the windows."""
     total = None
@@ -42,15 +41,14 @@ def main() -> int:
     sm.materialize_all()
     ids = load_token_sets(sm.loaded.tokenizer).eval.input_ids
     ref = [_logprobs(sm.model, b) for b in ids.split(8)]
-    comps = {c.key: c for c in sm.adapter.components}
     print("| GGUF | KL, all positions | KL, second half | mean KLD (llama-perplexity) | second half / KLD |")
     print("| --- | --- | --- | --- | --- |")
     for path in sorted(work.glob("*.gguf")):
         if path.name == "model-f32.gguf":
             continue
         g = open_gguf(path, sm.adapter, sm.model.config)
-        with outside_weights(sm.model, g.outside()), Assembler(sm.adapter, lambda k, _b: g.weight(comps[k])).apply(
-                dict.fromkeys(comps, 0)):
+        weight_of, bits = g.as_plan(sm.adapter)
+        with outside_weights(sm.model, g.outside()), Assembler(sm.adapter, weight_of).apply(bits):
             kl = per_position_kl(sm.model, ids, ref)
         half = kl[ids.shape[1] // 2 - 1:].mean().item()  # predictions of tokens 128..255
         k = llama.get(path.name)
