@@ -169,6 +169,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from paretoq.export.imatrix import imatrix
+
+    path, im = imatrix(model=args.model, out=args.out, calib=args.calib, calib_tokens=args.calib_tokens,
+                       eval_tokens=args.eval_tokens, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
+                       device=args.device, max_memory=args.max_memory, trust_remote_code=args.trust_remote_code,
+                       progress=not args.quiet)
+    print(f"wrote {path}: {len(im.sums)} tensors, {im.chunk_count} windows of {im.chunk_size} tokens")
+    print(f"next: llama-quantize --imatrix {path} ... (or paretoq export --format llamacpp --imatrix {path})")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from paretoq.quant.sequential import quantize
 
@@ -275,7 +287,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from paretoq.export import export
 
     r = export(plan=args.plan, format=args.format, out=args.out, model=args.model, collapse_mode=args.collapse,
-               ggml_types=args.ggml_types, trust_remote_code=args.trust_remote_code)
+               ggml_types=args.ggml_types, imatrix=args.imatrix, trust_remote_code=args.trust_remote_code)
     if r.collapsed is not None:
         print(r.collapsed.summary())
     print(f"wrote {', '.join(str(f) for f in r.files)}")
@@ -316,7 +328,7 @@ def cmd_zoo_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data(p: argparse.ArgumentParser) -> None:
+def _add_data(p: argparse.ArgumentParser, cache: bool = True) -> None:
     from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN
 
     p.add_argument("--calib", default="demo",
@@ -335,8 +347,9 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                    help="memory the model's weights may hold on the device, e.g. 24GB: a model that fits is kept "
                         "there once read, a larger one is streamed layer by layer; 0 always streams "
                         "(default: half of what is available)")
-    p.add_argument("--no-cache", action="store_true",
-                   help="recompute every cache entry (capture, quant cache, reference) and overwrite it")
+    if cache:
+        p.add_argument("--no-cache", action="store_true",
+                       help="recompute every cache entry (capture, quant cache, reference) and overwrite it")
 
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
@@ -433,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="probes", help="directory for features.json, features.csv, probes.png")
     p.set_defaults(func=cmd_probe)
 
+    p = sub.add_parser("imatrix", help="llama.cpp's importance matrix (GGUF) from paretoq's calibration tokens")
+    _add_model(p)
+    _add_data(p, cache=False)
+    p.add_argument("--out", default="imatrix.gguf", help="the file to write (default imatrix.gguf)")
+    p.set_defaults(func=cmd_imatrix)
+
     p = sub.add_parser("quantize", help="sequential GPTQ under a plan, saved as a packed checkpoint")
     _add_model(p)
     p.add_argument("--plan", help="plan.json (from `paretoq search`, or written by hand)")
@@ -521,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "served width nearest the weighted mean")
     p.add_argument("--ggml-types", help="llamacpp: ggml type per width, e.g. 2=iq2_xs,3=q3_k,fp=bf16 "
                    "(default 2=q2_k,3=q3_k,4=q4_k,8=q8_0,fp=f16)")
+    p.add_argument("--imatrix", metavar="FILE",
+                   help="llamacpp: an importance matrix of this model (from `paretoq imatrix` or llama-imatrix), "
+                        "checked and copied into the export; llama-quantize's command then uses it")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("dashboard", help="serve a study in optuna-dashboard: the front, baselines, plans and figures")

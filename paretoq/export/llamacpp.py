@@ -101,10 +101,13 @@ def write(ctx: Context) -> Export:
     if ctx.model_type == "qwen3_moe" and any(c.kind == "dense" for c in ctx.adapter.components):
         notes.append("GGUF qwen3moe has no dense FFN tensors: a Qwen3-MoE with mlp_only_layers does not convert")
     types = ctx.options.get("ggml_types") or DEFAULT_TYPES
-    if any(t.startswith("iq") for t in types.values()):
-        notes.append("i-quants (iq*) need an importance matrix: add --imatrix FILE (from llama-imatrix)")
+    imatrix = ctx.options.get("imatrix")
+    if any(t.startswith("iq") for t in types.values()) and not imatrix:
+        notes.append("i-quants (iq*) need an importance matrix: write one with `paretoq imatrix` and pass "
+                     "--imatrix FILE to the export")
     notes.append("K-quants need rows a multiple of 256 wide; llama-quantize falls back to other types otherwise")
     base = BASE_FTYPE[base_width(ctx)]
     command = (f"python convert_hf_to_gguf.py {ctx.model_path} --outtype bf16 --outfile {{out}}/model-bf16.gguf\n"
-               f"llama-quantize --tensor-type-file {{out}}/{FILE} {{out}}/model-bf16.gguf {{out}}/model-paretoq.gguf {base}")
+               f"llama-quantize {f'--imatrix {{out}}/{imatrix} ' if imatrix else ''}--tensor-type-file {{out}}/{FILE} "
+               f"{{out}}/model-bf16.gguf {{out}}/model-paretoq.gguf {base}")
     return Export({FILE: "\n".join(lines(ctx)) + "\n"}, command, tuple(notes))

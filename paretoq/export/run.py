@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from paretoq.cache import atomic_write_text, check_writable_dir
+from paretoq.cache import atomic_write, atomic_write_text, check_writable_dir
 from paretoq.errors import ParetoqError
 from paretoq.export import exl3, flat, gptqmodel, llamacpp, llmcompressor
+from paretoq.export import imatrix as imatrix_file
 from paretoq.export.collapse import Collapsed, collapse
 from paretoq.export.common import Context, Export
 from paretoq.export.targets import check_servable, get_target
@@ -33,7 +35,7 @@ class ExportResult:
 
 
 def export(plan: str | Path | Plan, format: str, out: str | Path | None = None, model: str | None = None,
-           collapse_mode: str | None = None, ggml_types: str | None = None,
+           collapse_mode: str | None = None, ggml_types: str | None = None, imatrix: str | Path | None = None,
            trust_remote_code: bool = False) -> ExportResult:
     target = get_target(format)
     plan_path = None if isinstance(plan, Plan) else Path(plan)
@@ -52,11 +54,19 @@ def export(plan: str | Path | Plan, format: str, out: str | Path | None = None, 
         collapsed = collapse(plan, loaded.adapter, target, collapse_mode)
         plan = collapsed.plan
     check_servable(plan, loaded.adapter, target)
+    if imatrix is not None:
+        if target.format != "llamacpp":
+            raise ParetoqError(f"--imatrix is for --format llamacpp (llama-quantize reads it), not {target.name}")
+        imatrix_file.check(imatrix, loaded.adapter)  # of this model, before anything is written
+        options["imatrix"] = imatrix_file.FILE
     ctx = Context(plan, loaded.adapter, target, loaded.model.config.model_type, str(loaded.path), options)
     result = FORMATS[target.format](ctx)
     for name, text in result.files.items():
         atomic_write_text(out / name, text)
     files = [out / name for name in result.files]
+    if imatrix is not None:  # the export carries its imatrix, so its command runs from the directory alone
+        atomic_write(out / imatrix_file.FILE, lambda tmp: shutil.copyfile(imatrix, tmp))
+        files.append(out / imatrix_file.FILE)
     if collapsed is not None:  # the plan as exported, for `paretoq eval` or `paretoq quantize`
         plan.save(out / COLLAPSED_PLAN, loaded.adapter)
         files.append(out / COLLAPSED_PLAN)
