@@ -1,0 +1,106 @@
+"""llama.cpp's quantizers, called as ggml itself runs them: ``ggml_quantize_chunk`` from ggml's
+library (the ``ggml-python`` package builds it; extra ``llamacpp``), dequantized by ``gguf``'s own
+dequantizers. What a llama.cpp target measures is then what ``llama-quantize`` writes: the same
+code on the same float32 rows, with the same importance weights, gives the same bytes
+(``studies/llamacpp/ggml_bytes.py`` compares them tensor by tensor).
+
+A type's size is its block's: ``type_size`` bytes for ``block_size`` weights (gguf's
+``GGML_QUANT_SIZES``), so q4_k is 144 bytes per 256 weights = 4.5 bits per weight, scales included.
+K-quants and i-quants need rows that are a multiple of 256 wide; llama-quantize falls back to
+another type for such tensors, this module refuses them (``check_width``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import numpy as np
+
+from paretoq.errors import ParetoqError
+
+# The ggml types a plan may choose (ggml.h's names, as llama-quantize's tensor-type files write them).
+TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
+         "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m")
+
+
+def _qtype(name: str):
+    from gguf import GGMLQuantizationType
+
+    if name not in TYPES:
+        raise ParetoqError(f"{name!r} is not a ggml type paretoq quantizes; pass one of {', '.join(TYPES)}")
+    return GGMLQuantizationType[name.upper()]
+
+
+@cache
+def _lib():
+    try:
+        import ggml  # ggml-python: loads libggml-base, where the quantizers live
+    except (ImportError, OSError) as e:
+        raise ParetoqError(f"llama.cpp's types need ggml's quantizers, which did not load ({e}); "
+                           "install them with pip install 'paretoq[llamacpp]'") from None
+    return ggml
+
+
+def block(name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of ggml type ``name``."""
+    from gguf import GGML_QUANT_SIZES
+
+    return GGML_QUANT_SIZES[_qtype(name)]
+
+
+def bits_per_weight(name: str) -> float:
+    """Bits per weight of ``name`` as a GGUF stores it, block scales included (q4_k: 4.5)."""
+    size, nbytes = block(name)
+    return 8 * nbytes / size
+
+
+def check_width(name: str, width: int, what: str = "a row") -> None:
+    size, _ = block(name)
+    if width % size:
+        fits = [t for t in TYPES if width % block(t)[0] == 0]
+        raise ParetoqError(f"{what} of {width} columns cannot be stored as {name}: its blocks are {size} wide; "
+                           f"choose one of {', '.join(fits) or 'none of the supported types'}")
+
+
+def requires_imatrix(name: str) -> bool:
+    return bool(_lib().ggml_quantize_requires_imatrix(int(_qtype(name))))
+
+
+def quantize(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``W`` ([rows, n] float) as ggml type ``name``: ``[rows, row bytes]`` uint8, the bytes a GGUF
+    holds. ``imatrix``: ``[n]`` importance per column (llama-quantize's mean squares), or None."""
+    ggml = _lib()
+    t = int(_qtype(name))
+    src = np.ascontiguousarray(W, dtype=np.float32)
+    if src.ndim != 2:
+        raise ValueError(f"quantize takes a 2-D matrix, got shape {src.shape}")
+    rows, n = src.shape
+    check_width(name, n)
+    if imatrix is None and requires_imatrix(name):
+        raise ParetoqError(f"{name} needs an importance matrix (ggml refuses it without one); "
+                           "choose a K-quant or give the calibration's (paretoq imatrix)")
+    imat = None
+    if imatrix is not None:
+        imat = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imat.shape != (n,):
+            raise ValueError(f"the importance matrix has shape {imat.shape}, the rows {n} columns")
+    dst = np.zeros((rows, ggml.ggml_row_size(t, n)), dtype=np.uint8)
+    ggml.ggml_quantize_init(t)  # the i-quants' grids; thread-safe, done once per type
+    f32 = ctypes.POINTER(ctypes.c_float)
+    written = ggml.ggml_quantize_chunk(t, src.ctypes.data_as(f32), dst.ctypes.data_as(ctypes.c_void_p), 0, rows, n,
+                                       imat.ctypes.data_as(f32) if imat is not None else None)
+    assert written == dst.nbytes, (written, dst.nbytes)
+    return dst
+
+
+def dequantize(data: np.ndarray, name: str) -> np.ndarray:
+    """gguf's own dequantizer: ``[rows, row bytes]`` uint8 of type ``name`` -> ``[rows, n]`` float32."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    return gguf_dequantize(data, _qtype(name)).astype(np.float32, copy=False)
+
+
+def round_trip(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``W`` as llama.cpp will compute with it after quantizing to ``name``."""
+    return dequantize(quantize(W, name, imatrix), name)
