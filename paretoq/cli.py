@@ -18,7 +18,7 @@ from pathlib import Path
 from paretoq.errors import ParetoqError
 from paretoq.export.targets import TARGETS
 from paretoq.quant import BITS
-from paretoq.quant.settings import FLAGS, GRIDS, MIN_DAMP, QuantSettings, check, settings_for
+from paretoq.quant.settings import FLAGS, GGML_TYPES, GRIDS, METHODS, MIN_DAMP, QuantSettings, check, settings_for
 from paretoq.storage import HEARTBEAT_SECONDS
 
 
@@ -69,11 +69,21 @@ def integer(lo: int | None = None, hi: int | None = None):
     return convert
 
 
-def bit_width(text: str) -> int:
-    if not text.strip().isdigit() or int(text) not in BITS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a bit width paretoq quantizes to; pass one of "
-                                         f"{', '.join(map(str, BITS))}")
-    return int(text)
+ALL_WIDTHS = tuple(sorted(set(BITS) | set(GGML_TYPES)))  # GPTQ's, and ggml's (5 and 6: q5_k, q6_k)
+
+
+def _width_in(widths: tuple[int, ...]):
+    def convert(text: str) -> int:
+        if not text.strip().isdigit() or int(text) not in widths:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a bit width paretoq quantizes to; pass one of "
+                                             f"{', '.join(map(str, widths))}")
+        return int(text)
+
+    return convert
+
+
+bit_width = _width_in(BITS)  # paretoq's own checkpoints: GPTQ's widths
+any_width = _width_in(ALL_WIDTHS)  # eval: GPTQ's or ggml's (checked against --quantizer later)
 
 
 def bit_list(text: str) -> tuple[int, ...]:
@@ -464,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="KL, perplexity and agreement of plans against the full-precision model")
     _add_model(p)
     p.add_argument("--plan", nargs="+", help="one or more plan.json files")
-    p.add_argument("--uniform", type=bit_width, nargs="+", help="also evaluate every component at these widths")
+    p.add_argument("--uniform", type=any_width, nargs="+", help="also evaluate every component at these widths")
     p.add_argument("--gguf", nargs="+", metavar="FILE",
                    help="also evaluate GGUF files converted from --model (llama.cpp's or anyone's), dequantized "
                         "with gguf's own code")
@@ -473,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-eval-limit", type=integer(1), help="evaluate only the first N documents of each task")
     p.add_argument("--json", action="store_true", help="print JSON (one object for one plan, else a list)")
     _add_quant(p)
+    p.add_argument("--quantizer", dest="method", choices=METHODS,
+                   help="gptq: paretoq's GPTQ at 2/3/4/8 bits; ggml: llama.cpp's own quantizers "
+                        f"({', '.join(f'{b}={t}' for b, t in GGML_TYPES.items())}) with the calibration's importance "
+                        "matrix, bits in their real bits per weight, which is what llama-quantize makes of the plan "
+                        "(needs the 'llamacpp' extra; default: the plan's own, else gptq)")
     _add_data(p)
     p.set_defaults(func=cmd_eval)
 

@@ -15,7 +15,6 @@ from paretoq.errors import ParetoqError
 from paretoq.evaluate import Assembler, EvalResult, StreamedEvaluator, run_lm_eval
 from paretoq.export.gguf_read import open_gguf
 from paretoq.plan import Plan
-from paretoq.quant.quantizer import BITS
 from paretoq.quant.settings import settings_for
 from paretoq.walk import open_model
 
@@ -98,9 +97,11 @@ def eval_plans(
     named = [(str(p), Plan.load(p)) for p in plans]
     for _, plan in named:
         plan.quant = settings_for(quant or {}, base=plan.quant)
+    widths = settings_for(quant or {}).widths
     for b in uniform:
-        if b not in BITS:
-            raise ParetoqError(f"--uniform {b} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
+        if b not in widths:
+            raise ParetoqError(f"--uniform {b} is not a bit choice of this quantizer; pass one of "
+                               f"{', '.join(map(str, widths))}")
     if not named and not uniform and not gguf:
         raise ParetoqError("nothing to evaluate: pass --plan plan.json (one or more), --uniform BITS or --gguf FILE")
     tasks = expand_tasks(list(lm_eval))

@@ -16,6 +16,7 @@ from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, Component
 from paretoq.quant.pack import packed_words
 from paretoq.quant.quantizer import BITS, QuantSettings, check_group_size, group_columns
+from paretoq.quant.settings import check_ggml_widths
 
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
@@ -42,7 +43,7 @@ class Plan:
     def avg_bits(self, adapter: Adapter, over: str = "model") -> float:
         """Average bits per weight, weighted by parameter count (see ``over`` above)."""
         comps = self.components(adapter)
-        quantized = sum(c.params * self.bits[c.key] for c in comps)
+        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key]) for c in comps)
         if over == "plan":
             total = sum(c.params for c in comps)
             return quantized / total if total else 0.0
@@ -52,6 +53,8 @@ class Plan:
 
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
+        if self.quant.method == "ggml":  # the GGUF's bytes: whole blocks, scales inside
+            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key]) / 8) for c in self.components(adapter))
         return sum(component_bytes(c, self.bits[c.key], self.quant.group_size) for c in self.components(adapter))
 
     def effective_bits(self, adapter: Adapter, over: str = "model") -> float:
@@ -79,7 +82,15 @@ class Plan:
                 f"the plan names {unknown[0]!r}{more}, which the model does not have; "
                 f"list the model's keys with `paretoq info --components`"
             )
-        check_group_size(self.quant.group_size, {k: adapter.component(k).shape[1] for k in self.bits})
+        wrong = [k for k, b in self.bits.items() if b not in self.quant.widths]
+        if wrong:
+            raise ParetoqError(f"the plan gives {wrong[0]!r} {self.bits[wrong[0]]} bits, which quant method "
+                               f"{self.quant.method!r} does not offer; use one of {', '.join(map(str, self.quant.widths))}")
+        widths = {k: adapter.component(k).shape[1] for k in self.bits}
+        if self.quant.method == "ggml":
+            check_ggml_widths(self.bits, widths)
+        else:
+            check_group_size(self.quant.group_size, widths)
 
     def to_dict(self, adapter: Adapter | None = None) -> dict:
         d = {"format": PLAN_FORMAT, "bits": dict(self.bits), "quant": self.quant.to_dict(), "model": self.model,
@@ -101,10 +112,11 @@ class Plan:
         bits = d.get("bits")
         if not isinstance(bits, dict):
             raise ParetoqError(f"{source} has no \"bits\" object; write {{\"bits\": {{\"<component key>\": 4, ...}}}}")
-        for key, b in bits.items():
-            if isinstance(b, bool) or not isinstance(b, int) or b not in BITS:
-                raise ParetoqError(f"{source} gives {key!r} {b!r} bits; each component takes one of {', '.join(map(str, BITS))}")
         quant = QuantSettings.from_dict(d.get("quant") or {}, source)
+        for key, b in bits.items():
+            if isinstance(b, bool) or not isinstance(b, int) or b not in quant.widths:
+                raise ParetoqError(f"{source} gives {key!r} {b!r} bits; each component takes one of "
+                                   f"{', '.join(map(str, quant.widths))}")
         model = d.get("model") or {}
         if not isinstance(model, dict) or not all(isinstance(model.get(k, ""), str) for k in ("name_or_path", "model_type")):
             raise ParetoqError(f"{source} has a malformed \"model\"; write {{\"name_or_path\": \"...\", "

@@ -65,3 +65,93 @@ def test_refusals_name_the_fix():
     with pytest.raises(ParetoqError, match="not a ggml type"):
         ggml.quantize(_w(), "q4_k_m")
     assert ggml.round_trip(_w(), "iq2_xs", np.ones(512, np.float32)).shape == (6, 512)
+
+
+# -- the ggml quant method: the quant cache, plans and eval ---------------------------------------
+
+K_WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4,
+              num_key_value_heads=2)  # every input width a multiple of 256, as K-quants need
+
+
+@pytest.fixture(scope="module")
+def k_model(tmp_path_factory):
+    from conftest import save_tiny_with_demo_tokenizer
+
+    return save_tiny_with_demo_tokenizer(tmp_path_factory.mktemp("k_qwen3_moe"), "qwen3_moe", **K_WIDE)
+
+
+def test_the_cache_holds_what_llama_quantize_makes_with_paretoqs_imatrix(k_model, tmp_path):
+    """Each component's bytes in the ggml quant cache are ggml's quantization of its weights with
+    the importance `paretoq imatrix` writes for it: what llama-quantize --imatrix makes of the
+    tensor (studies/llamacpp/ggml_bytes.py shows ggml's bytes equal llama-quantize's)."""
+    from paretoq.calibrate import prepare
+    from paretoq.data import load_token_sets
+    from paretoq.export.imatrix import imatrix, tensor_name
+    from paretoq.quant.quantizer import GGMLTensor, QuantSettings
+    from paretoq.walk import open_model
+
+    tokens = dict(calib_tokens=256, eval_tokens=256, seq_len=32)
+    _, im = imatrix(str(k_model), tmp_path / "im.gguf", progress=False, **tokens)
+    sm = open_model(str(k_model), max_memory="0")
+    sets = load_token_sets(sm.loaded.tokenizer, "demo", **tokens)
+    prep = prepare(sm, sets.calib, {}, QuantSettings(method="ggml"), (2, 5), features=False, progress=False)
+    checked = 0
+    for c in sm.adapter.components:
+        name = tensor_name(c)
+        row = c.expert if c.kind == "expert" else 0
+        importance = im.mean_square(name)[row] if im.counts[name][row] >= 4 else None
+        with sm.layer(c.layer):
+            W = sm.adapter.weight(c.key).detach().float().numpy()
+        for b, t in ((2, "q2_k"), (5, "q5_k")):
+            got = prep.cache.get(c.key, b)
+            assert isinstance(got, GGMLTensor) and got.ggml_type == t
+            np.testing.assert_array_equal(got.data.numpy(), ggml.quantize(W, t, importance), err_msg=c.key)
+            checked += 1
+    assert checked == 2 * len(sm.adapter.components)
+
+
+def test_plan_budget_in_real_bits_by_hand(k_model):
+    from paretoq.models import load_model
+    from paretoq.plan import Plan
+    from paretoq.quant.quantizer import QuantSettings
+
+    adapter = load_model(str(k_model), weights=False).adapter
+    bits = {c.key: 2 if c.kind == "expert" else 8 for c in adapter.components}
+    plan = Plan(bits, quant=QuantSettings(method="ggml"))
+    experts = sum(c.params for c in adapter.components if c.kind == "expert")
+    rest = sum(c.params for c in adapter.components if c.kind != "expert")
+    assert plan.avg_bits(adapter, over="plan") == pytest.approx((experts * 2.625 + rest * 8.5) / (experts + rest))
+    assert plan.size_bytes(adapter) == (experts * 2.625 + rest * 8.5) / 8
+    assert plan.effective_bits(adapter, over="plan") == pytest.approx(plan.avg_bits(adapter, over="plan"))
+    back = Plan.from_dict(plan.to_dict())
+    assert back.quant.method == "ggml" and back.bits == bits
+
+
+def test_a_ggml_plan_is_refused_where_its_blocks_do_not_fit(tiny_model_dir):
+    from paretoq.models import load_model
+    from paretoq.plan import Plan
+    from paretoq.quant.quantizer import QuantSettings
+
+    adapter = load_model(str(tiny_model_dir), weights=False).adapter  # hidden 64
+    with pytest.raises(ParetoqError, match="blocks are 256 wide; give it width 8"):
+        Plan.uniform(adapter, 4, quant=QuantSettings(method="ggml")).validate(adapter)
+    Plan.uniform(adapter, 8, quant=QuantSettings(method="ggml")).validate(adapter)  # q8_0's 32-wide blocks fit
+    with pytest.raises(ParetoqError, match="does not offer"):
+        Plan.uniform(adapter, 5).validate(adapter)  # GPTQ has no 5 bits
+    with pytest.raises(ParetoqError, match="maps widths to ggml types"):
+        QuantSettings.from_dict({"method": "ggml", "types": {"4": "q4_0"}})
+
+
+def test_quantize_refuses_a_ggml_plan(k_model, tmp_path):
+    import subprocess
+    import sys
+
+    from paretoq.models import load_model
+    from paretoq.plan import Plan
+    from paretoq.quant.quantizer import QuantSettings
+
+    adapter = load_model(str(k_model), weights=False).adapter
+    Plan.uniform(adapter, 4, quant=QuantSettings(method="ggml")).save(tmp_path / "plan.json")
+    r = subprocess.run([sys.executable, "-m", "paretoq.cli", "quantize", "--model", str(k_model), "--plan",
+                        str(tmp_path / "plan.json"), "--out", str(tmp_path / "q")], capture_output=True, text=True)
+    assert r.returncode == 2 and "export --format llamacpp" in r.stderr and not (tmp_path / "q").exists(), r.stderr

@@ -57,7 +57,7 @@ def test_minimal_plan_file_is_valid(tmp_path, adapter):
     (json.dumps({"format": PLAN_FORMAT}), "no \"bits\""),
     (json.dumps({"format": PLAN_FORMAT, "bits": {"k": 5}}), "one of 2, 3, 4, 8"),
     (json.dumps({"format": PLAN_FORMAT, "bits": {"k": "4"}}), "one of 2, 3, 4, 8"),
-    (json.dumps({"format": PLAN_FORMAT, "bits": {}, "quant": {"method": "awq"}}), "quantizes with 'gptq'"),
+    (json.dumps({"format": PLAN_FORMAT, "bits": {}, "quant": {"method": "awq"}}), "pass one of gptq, ggml"),
     (json.dumps({"format": PLAN_FORMAT, "bits": {}, "quant": [128]}), "\"quant\" of type list"),
     (json.dumps({"format": PLAN_FORMAT, "bits": {}, "quant": {"group_size": "abc"}}), "group_size 'abc'"),
     (json.dumps({"format": PLAN_FORMAT, "bits": {}, "quant": {"group_size": 0}}), "group_size 0"),

@@ -17,7 +17,8 @@ import torch
 from paretoq.capture import Capture
 from paretoq.models import Adapter
 from paretoq.quant.gptq import HessianFactor, gptq, hessian_factor
-from paretoq.quant.quantizer import QuantizedTensor, QuantSettings, rtn
+from paretoq.quant.quantizer import GGMLTensor, QuantizedTensor, QuantSettings, rtn
+from paretoq.quant.settings import GGML_TYPES
 
 
 @dataclass
@@ -59,6 +60,8 @@ def quantize_components(
     once per width): each input is factored once, and its Hessian is then dropped from ``capture``.
     A component that saw too few calibration tokens is rounded to nearest and listed in ``rtn_fallback``.
     """
+    if settings.method == "ggml":
+        return _ggml_components(adapter, capture, bits)
     out = QuantizedComponents()
     readers: dict[str, list[str]] = defaultdict(list)  # input site -> the keys that read it, by projection
     for key in sorted(bits, key=lambda k: adapter.component(k).proj):
@@ -91,6 +94,33 @@ def quantize_components(
                         out.loss[keys[i]] = float(res.loss[n])
                     del W, res
             del factor
+    return out
+
+
+def _ggml_components(adapter: Adapter, capture: Capture, bits: dict[str, int]) -> QuantizedComponents:
+    """llama.cpp's quantizers (`paretoq.quant.ggml`) at each key's ggml type, weighted by the
+    importance llama-quantize would read from `paretoq imatrix`: the input's mean square over the
+    tokens the component saw (the Hessian's diagonal over its token count). A component below
+    ``MIN_TOKENS`` gets no importance (as llama-quantize does for an expert with count 0) and is
+    listed in ``rtn_fallback``. The loss is the layer's output error trace((W - Q) H (W - Q)^T): the
+    sensitivity scaling uses only its ratios between widths, as it does GPTQ's."""
+    from paretoq.quant.ggml import dequantize, quantize
+
+    out = QuantizedComponents()
+    for key, b in bits.items():
+        t = GGML_TYPES[b]
+        W = adapter.weight(key).detach().float().cpu()
+        tokens = out.tokens[key] = int(capture.tokens.get(key, 0))
+        H = capture.hessians.get(capture.site.get(key, "")) if tokens >= MIN_TOKENS else None
+        importance = None if H is None else (H.diagonal().float().cpu() / tokens).numpy()
+        data = quantize(W.numpy(), t, importance)
+        out.tensors[key] = GGMLTensor(torch.from_numpy(data), t, b)
+        if H is None:
+            out.loss[key] = float("nan")
+            out.rtn_fallback.append(key)
+        else:
+            E = W - torch.from_numpy(dequantize(data, t))
+            out.loss[key] = float(((E @ H.float().cpu()) * E).sum())
     return out
 
 

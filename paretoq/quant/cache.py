@@ -29,7 +29,7 @@ from paretoq.capture import Capture
 from paretoq.models import Adapter
 from paretoq.quant.apply import quantize_components
 from paretoq.quant.pack import pack, unpack
-from paretoq.quant.quantizer import BITS, QuantizedTensor, QuantSettings
+from paretoq.quant.quantizer import BITS, GGMLTensor, QuantizedTensor, QuantSettings
 
 
 # Bytes of entries held in memory (codes unpacked to one byte a weight, plus scales and zeros): a
@@ -43,10 +43,15 @@ def packed_entry(q, bits: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]
     a weight) and metadata."""
     tensors, meta = {}, {}
     for key, t in q.tensors.items():
+        loss = q.loss[key]
+        if isinstance(t, GGMLTensor):  # already the bytes a GGUF holds
+            tensors[f"{key}/ggml"] = t.data.contiguous().cpu()
+            meta[key] = {"ggml": t.ggml_type, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
+                         "tokens": q.tokens.get(key, 0)}
+            continue
         tensors[f"{key}/codes"] = pack(t.codes.cpu(), bits)
         tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
         tensors[f"{key}/zeros"] = t.zeros.contiguous().cpu()
-        loss = q.loss[key]
         meta[key] = {"group_size": t.group_size, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
                      "in": int(t.codes.shape[-1]), "tokens": q.tokens.get(key, 0)}
     return tensors, meta
@@ -60,8 +65,9 @@ def merge_packed(into: tuple[dict, dict] | None, part: tuple[dict, dict]) -> tup
     return into
 
 
-def _nbytes(entry: dict[str, QuantizedTensor]) -> int:
-    return sum(t.codes.nbytes + t.scales.nbytes + t.zeros.nbytes for t in entry.values())
+def _nbytes(entry: dict[str, QuantizedTensor | GGMLTensor]) -> int:
+    return sum(t.data.nbytes if isinstance(t, GGMLTensor) else t.codes.nbytes + t.scales.nbytes + t.zeros.nbytes
+               for t in entry.values())
 
 
 class QuantCache:
@@ -182,6 +188,9 @@ class QuantCache:
         meta = json.loads(metadata["index"])
         entry = {}
         for key, m in meta.items():
+            if "ggml" in m:
+                entry[key] = GGMLTensor(tensors[f"{key}/ggml"], m["ggml"], bits)
+                continue
             codes = unpack(tensors[f"{key}/codes"], bits, m["in"])
             entry[key] = QuantizedTensor(codes, tensors[f"{key}/scales"], tensors[f"{key}/zeros"], bits,
                                          m["group_size"])

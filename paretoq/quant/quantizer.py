@@ -44,6 +44,26 @@ class QuantizedTensor:
         return QuantizedTensor(self.codes[i], self.scales[i], self.zeros[i], self.bits, self.group_size)
 
 
+@dataclass
+class GGMLTensor:
+    """A matrix as a ggml type stores it: ``data`` uint8 ``[..., out, row bytes]`` (the GGUF's bytes;
+    experts may batch) of type ``ggml_type``, dequantized by gguf's own dequantizers."""
+
+    data: torch.Tensor
+    ggml_type: str
+    bits: int  # the plan's width that chose the type
+
+    def dequantize(self) -> torch.Tensor:
+        from paretoq.quant.ggml import dequantize
+
+        flat = self.data.reshape(-1, self.data.shape[-1]).numpy()
+        w = torch.from_numpy(dequantize(flat, self.ggml_type))
+        return w.reshape(*self.data.shape[:-1], w.shape[-1])
+
+    def __getitem__(self, i) -> GGMLTensor:
+        return GGMLTensor(self.data[i], self.ggml_type, self.bits)
+
+
 def group_columns(in_features: int, group_size: int) -> int:
     """Columns per group: ``group_size``, or the whole row for ``-1``. Groups must tile the row."""
     if group_size == -1 or group_size >= in_features:

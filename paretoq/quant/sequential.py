@@ -118,6 +118,9 @@ def quantize(
         raise ParetoqError(f"--uniform {uniform} is not a bit choice; pass one of {', '.join(map(str, BITS))}")
     the_plan = Plan.load(plan) if plan is not None else Plan({})
     the_plan.quant = settings_for(quant or {}, base=the_plan.quant)
+    if the_plan.quant.method != "gptq":
+        raise ParetoqError(f"{plan} is a plan for llama.cpp's quantizers (quant method {the_plan.quant.method!r}), "
+                           "which llama-quantize applies; run paretoq export --format llamacpp on it")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ParetoqError(f"--out {out} already exists and is not empty; pass a new directory")

@@ -13,12 +13,19 @@ from dataclasses import dataclass, fields, replace
 from paretoq.errors import ParetoqError
 
 GROUP_SIZES = (256, 128, 64, 32)  # the group sizes GPTQ kernels and formats commonly serve, offered on a bad one
+METHODS = ("gptq", "ggml")  # paretoq's GPTQ, or llama.cpp's own quantizers (paretoq.quant.ggml)
+# method "ggml": the width a plan gives -> the ggml type it is quantized to (llama.cpp's K-quants and
+# q8_0); its budget bits are the type's real bits per weight (q4_k: 4.5, scales included).
+GGML_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
+GGML_BPW = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q8_0": 8.5}
+GGML_BLOCK = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32}  # weights per block
+GPTQ_WIDTHS = (2, 3, 4, 8)
 GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
 # Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
 MIN_DAMP = 1e-4
 # The flag that sets each field, for messages.
 FLAGS = {"group_size": "--group-size", "sym": "--sym/--asym", "act_order": "--act-order/--no-act-order",
-         "damp": "--damp", "grid": "--grid"}
+         "damp": "--damp", "grid": "--grid", "method": "--quantizer"}
 
 
 @dataclass(frozen=True)
@@ -29,8 +36,23 @@ class QuantSettings:
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128  # GPTQ's lazy-update block
     grid: str = "search"  # "search": shrink search on GPTQ's loss (gptq.py); "minmax": the reference's grid
+    # "ggml": llama.cpp's quantizers at GGML_TYPES, with the calibration's importance matrix; the
+    # GPTQ fields above then do not apply (each ggml type fixes its own blocks and scales)
+    method: str = "gptq"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The widths a plan under these settings may give a component."""
+        return tuple(GGML_TYPES) if self.method == "ggml" else GPTQ_WIDTHS
+
+    def budget_bits(self, bits: int) -> float:
+        """Bits per weight that ``bits`` costs in a budget: the width itself for GPTQ (scales are
+        reported apart, as effective bits), the ggml type's real bits per weight for ggml."""
+        return GGML_BPW[GGML_TYPES[bits]] if self.method == "ggml" else float(bits)
 
     def to_dict(self) -> dict:
+        if self.method == "ggml":
+            return {"method": "ggml", "types": {str(b): t for b, t in GGML_TYPES.items()}}
         return {"method": "gptq", "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order,
                 "damp": self.damp, "grid": self.grid}
 
@@ -40,9 +62,16 @@ class QuantSettings:
         if not isinstance(q, dict):
             raise ParetoqError(f"{source} has \"quant\" of type {type(q).__name__}; write an object such as "
                                f"{{\"group_size\": 128, \"sym\": false}}")
-        if q.get("method", "gptq") != "gptq":
-            raise ParetoqError(f"{source} asks for quant method {q.get('method')!r}; paretoq quantizes with 'gptq'")
-        known = {f.name for f in fields(cls)} - {"block_size"}
+        method = q.get("method", "gptq")
+        if method not in METHODS:
+            raise ParetoqError(f"{source} asks for quant method {method!r}; pass one of {', '.join(METHODS)}")
+        if method == "ggml":
+            types = q.get("types", {str(b): t for b, t in GGML_TYPES.items()})
+            if types != {str(b): t for b, t in GGML_TYPES.items()}:
+                raise ParetoqError(f"{source} maps widths to ggml types {types!r}; paretoq's ggml method uses "
+                                   f"{', '.join(f'{b}={t}' for b, t in GGML_TYPES.items())}")
+            return replace(cls(), method="ggml")
+        known = {f.name for f in fields(cls)} - {"block_size", "method"}
         return replace(cls(), **{k: check(k, q[k], source) for k in known if k in q})
 
 
@@ -61,6 +90,10 @@ def check(name: str, value, source: str = "plan"):
     if name in ("sym", "act_order"):
         if not isinstance(value, bool):
             raise ParetoqError(f"{source} has {name} {value!r}; pass true or false")
+        return value
+    if name == "method":
+        if value not in METHODS:
+            raise ParetoqError(f"{source} has quantizer {value!r}; pass one of {', '.join(METHODS)}")
         return value
     if name == "grid":
         if value not in GRIDS:
@@ -122,3 +155,15 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
     else:
         fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
     raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
+
+
+def check_ggml_widths(bits: dict[str, int], widths: dict[str, int]) -> None:
+    """Refuse, before any work, a ggml plan with a component whose input width its type's blocks do
+    not tile (K-quants: 256; llama-quantize would silently fall back to another type)."""
+    for key, b in bits.items():
+        t = GGML_TYPES[b]
+        if widths[key] % GGML_BLOCK[t]:
+            fits = [w for w, tt in GGML_TYPES.items() if widths[key] % GGML_BLOCK[tt] == 0]
+            raise ParetoqError(f"{key} has {widths[key]} input columns, which {t} (width {b}) cannot store: its "
+                               f"blocks are {GGML_BLOCK[t]} wide; give it width {' or '.join(map(str, fits)) or '-'} "
+                               "or leave it out of the plan")
