@@ -119,7 +119,8 @@ def knapsack(groups: list[Group], sensitivity: dict[str, dict[int, float]], budg
     C = max(len(g.choices) for g in groups)
     pad = [list(g.choices) + [g.choices[-1]] * (C - len(g.choices)) for g in groups]
     cost = np.array([[sensitivity[g.name][b] for b in row] for g, row in zip(groups, pad)])
-    genome = mckp.solve(cost, np.array(pad, float), np.array([g.params for g in groups], float),
+    price = np.array([[g.cost(b) for b in row] for g, row in zip(groups, pad)], float)
+    genome = mckp.solve(cost, price, np.array([g.params for g in groups], float),
                         np.array([len(g.choices) for g in groups]), budget, time_limit=KNAPSACK_SECONDS)
     if genome is None:
         return {g.name: min(g.choices) for g in groups}

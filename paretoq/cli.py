@@ -91,12 +91,12 @@ def bit_list(text: str) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise argparse.ArgumentTypeError(f"{text!r} names no width; pass a comma-separated subset of "
-                                         f"{','.join(map(str, BITS))}, e.g. 2,3,4")
+                                         f"{','.join(map(str, ALL_WIDTHS))}, e.g. 2,3,4")
     widths = []
     for p in parts:
-        if not p.lstrip("-").isdigit() or int(p) not in BITS:
+        if not p.lstrip("-").isdigit() or int(p) not in ALL_WIDTHS:
             raise argparse.ArgumentTypeError(f"{p!r} is not a supported width; pass a comma-separated subset of "
-                                             f"{','.join(map(str, BITS))}, e.g. 2,3,4")
+                                             f"{','.join(map(str, ALL_WIDTHS))}, e.g. 2,3,4")
         widths.append(int(p))
     return tuple(sorted(set(widths)))
 

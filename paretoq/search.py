@@ -55,6 +55,8 @@ from paretoq.export.targets import get_target, target_space
 from paretoq.models import Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
+from paretoq.quant.ggml import library as ggml_library
+from paretoq.quant.settings import check_ggml_widths
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
 from paretoq.probes.sensitivity import measure_sensitivity, resolve_method
 from paretoq.quant.settings import QuantSettings, check_group_size, flag_args, settings_for
@@ -280,10 +282,17 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     # Missing or truncated shards, a bad --dtype or --device: before the study is created.
     sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
                     trust_remote_code=cfg.trust_remote_code)
-    groups = make_groups(sm.adapter, space)
+    groups = make_groups(sm.adapter, space, settings.budget_bits if settings.method != "gptq" else None)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
-    check_group_size(settings.group_size, {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys})
+    widths = {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys}
+    if settings.method == "ggml":  # every choice of every group must fit its type's blocks; ggml must load
+        for g in groups:
+            for b in g.choices:
+                check_ggml_widths(dict.fromkeys(g.keys, b), widths)
+        ggml_library()
+    else:
+        check_group_size(settings.group_size, widths)
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")

@@ -52,6 +52,12 @@ class Group:
     keys: tuple[str, ...]
     params: int
     choices: tuple[int, ...]
+    # Bits per weight each choice costs in the budget (``QuantSettings.budget_bits``); empty: the
+    # widths themselves (GPTQ). llama.cpp's types cost their real size: width 4 = q4_k = 4.5.
+    costs: tuple[float, ...] = ()
+
+    def cost(self, bits: int) -> float:
+        return self.costs[self.choices.index(bits)] if self.costs else float(bits)
 
 
 def bundled_spaces() -> dict[str, Path]:
@@ -109,7 +115,9 @@ def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpa
     return SearchSpace(space.name, space.granularity, new, space.tie)
 
 
-def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
+def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[Group]:
+    """The space's groups of ``adapter``'s components; ``budget_bits`` (width -> bits per weight it
+    costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at their widths."""
     tied: dict[str, list] = {}
     for c in adapter.components:
         if c.kind not in space.bits:
@@ -127,7 +135,7 @@ def make_groups(adapter: Adapter, space: SearchSpace) -> list[Group]:
         tied.setdefault(name, []).append(c)
     return [
         Group(name, comps[0].kind, comps[0].layer, tuple(c.key for c in comps), sum(c.params for c in comps),
-              space.bits[comps[0].kind])
+              space.bits[comps[0].kind], tuple(map(budget_bits, space.bits[comps[0].kind])) if budget_bits else ())
         for name, comps in tied.items()
     ]
 
@@ -145,7 +153,7 @@ def decode_genome(text: str) -> np.ndarray:
 def avg_bits(groups: list[Group], bits: dict[str, int]) -> float:
     """Average bits per weight of a group-level plan, weighted by parameter count."""
     total = sum(g.params for g in groups)
-    return sum(g.params * bits[g.name] for g in groups) / total
+    return sum(g.params * g.cost(bits[g.name]) for g in groups) / total
 
 
 def component_bits(groups: list[Group], bits: dict[str, int]) -> dict[str, int]:

@@ -48,7 +48,7 @@ FUNDING_DOWNS = 24  # cheapest down-moves considered for funding an upgrade (wit
 class Tables:
     groups: list[Group]
     n_choices: np.ndarray  # [G]
-    bits: np.ndarray  # [G, C] bit width of each choice (padded with the last)
+    bits: np.ndarray  # [G, C] budget bits of each choice (its width, or its ggml type's size; padded with the last)
     params: np.ndarray  # [G]
     sens: np.ndarray  # [G, C] measured KL of the group alone
     loss: np.ndarray  # [G, C] GPTQ loss relative to the lowest width
@@ -79,7 +79,7 @@ def build_tables(groups: list[Group], sensitivity: dict[str, dict[int, float]], 
     layers = sorted({g.layer for g in groups})
     for i, g in enumerate(groups):
         choices = list(g.choices) + [g.choices[-1]] * (C - len(g.choices))
-        bits[i] = choices
+        bits[i] = [g.cost(b) for b in choices]  # what each choice costs in the budget
         sens[i] = [max(sensitivity[g.name][b], 0.0) for b in choices]
         raw = [np.nansum([loss.get((k, b), np.nan) for k in g.keys]) for b in choices]
         rel[i] = np.array(raw) / (raw[0] if raw[0] > 0 else 1.0)

@@ -84,7 +84,7 @@ def test_console_script_exit_codes(tmp_path):
     (["info", "--budget", "nan"], ["--budget", "nan", "between 2 and 8"]),
     (["search", "--seed", "x"], ["--seed", "'x'", "integer"]),
     (["search", "--trials", "0"], ["--trials", "at least 1"]),
-    (["search", "--bits", "2,5"], ["--bits", "'5'", "2,3,4,8"]),
+    (["search", "--bits", "2,7"], ["--bits", "'7'", "2,3,4,5,6,8"]),
     (["quantize", "--out", "q", "--uniform", "x"], ["--uniform", "2, 3, 4, 8"]),
     (["dashboard", "--port", "65536"], ["--port", "1 to 65535"]),
     (["export", "--plan", "p.json", "--format", "nosuch"], ["--format", "'nosuch'", "gptqmodel"]),

@@ -43,7 +43,8 @@ def servable_plan(adapter, target, seed=0, fp_share=0.15):
     for comps in units(adapter, target).values():
         if target.fp and rng.random() < fp_share:
             continue
-        b = rng.choice(target.served(comps[0].kind))
+        # GPTQ plans (llama.cpp also serves q5_k/q6_k, which only ggml plans hold; see test_ggml_quant.py)
+        b = rng.choice([w for w in target.served(comps[0].kind) if w in QuantSettings().widths])
         bits.update((c.key, b) for c in comps)
     plan = Plan(bits)
     assert not problems(plan, adapter, target)
@@ -214,7 +215,8 @@ def test_llamacpp_base_ftype_follows_the_average_width(model):
     plan = Plan(bits)
     ctx = context(model_type, adapter, TARGETS["llamacpp"], plan)
     avg = plan.avg_bits(adapter)
-    expected = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}[min((2, 3, 4, 8), key=lambda b: (abs(b - avg), -b))]
+    expected = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}[
+        min((2, 3, 4, 5, 6, 8), key=lambda b: (abs(b - avg), -b))]
     assert llamacpp.write(ctx).next.split()[-1] == expected, avg
     ctx = context(model_type, adapter, TARGETS["llamacpp"], Plan({c.key: 2 for c in comps}))
     assert llamacpp.write(ctx).next.split()[-1] == "Q2_K"
@@ -224,8 +226,12 @@ def test_llamacpp_base_width_is_the_nearest_to_the_average():
     """A plan just under its budget keeps the budget's mixture (2.99 bits: Q3_K_M's, not Q2_K's)."""
     from types import SimpleNamespace
 
-    for avg, want in [(2.0, 2), (2.49, 2), (2.5, 3), (2.99, 3), (3.49, 3), (3.99, 4), (5.9, 4), (6.1, 8)]:
-        plan = SimpleNamespace(avg_bits=lambda adapter, a=avg: a)
+    for avg, want in [(2.0, 2), (2.49, 2), (2.5, 3), (2.99, 3), (3.49, 3), (3.99, 4), (4.6, 5), (5.9, 6), (7.1, 8)]:
+        plan = SimpleNamespace(avg_bits=lambda adapter, a=avg: a, quant=QuantSettings())
+        assert llamacpp.base_width(SimpleNamespace(plan=plan, adapter=None)) == want, avg
+    # a ggml plan's average is in its types' real bits (q4_k 4.5, q5_k 5.5): 4.6 is q4_k's size
+    for avg, want in [(2.7, 2), (4.6, 4), (5.2, 5), (7.6, 8)]:
+        plan = SimpleNamespace(avg_bits=lambda adapter, a=avg: a, quant=QuantSettings(method="ggml"))
         assert llamacpp.base_width(SimpleNamespace(plan=plan, adapter=None)) == want, avg
 
 
@@ -251,7 +257,7 @@ def test_gguf_names_match_the_converters_tensor_map(model):
 
 def test_ggml_type_names_are_ggmls():
     import gguf
-    assert set(llamacpp.GGML_TYPES) <= {t.name.lower() for t in gguf.GGMLQuantizationType}
+    assert set(llamacpp.GGML_TYPE_NAMES) <= {t.name.lower() for t in gguf.GGMLQuantizationType}
 
 
 # -- exllamav3 ------------------------------------------------------------------------------------------------

@@ -60,7 +60,10 @@ def test_target_space_ties_and_restricts(qwen, deepseek):
         names = {g.name for g in groups}
         assert "model.layers.0.self_attn.q_proj+k_proj+v_proj" in names or adapter is deepseek
     cpp = target_space(load_space("default"), "llamacpp")
-    assert cpp.granularity == "layer-projection" and cpp.bits == load_space("default").bits
+    # llama.cpp's own types, q5_k and q6_k included, within the space's range of widths
+    assert cpp.granularity == "layer-projection" and cpp.bits == {k: (2, 3, 4, 5, 6, 8) for k in cpp.bits}
+    narrow = target_space(SearchSpace("n", "expert", {"expert": (2, 4)}), "llamacpp")
+    assert narrow.bits == {"expert": (2, 3, 4)}
     assert target_space(load_space("layer-experts"), "llamacpp").granularity == "layer-experts"  # already coarser
     assert target_space(load_space("component"), "gptqmodel").granularity == "component"
     assert target_space(load_space("default"), None) == load_space("default")

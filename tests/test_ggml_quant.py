@@ -155,3 +155,35 @@ def test_quantize_refuses_a_ggml_plan(k_model, tmp_path):
     r = subprocess.run([sys.executable, "-m", "paretoq.cli", "quantize", "--model", str(k_model), "--plan",
                         str(tmp_path / "plan.json"), "--out", str(tmp_path / "q")], capture_output=True, text=True)
     assert r.returncode == 2 and "export --format llamacpp" in r.stderr and not (tmp_path / "q").exists(), r.stderr
+
+
+def test_a_search_for_llamacpp_measures_ggml_types_at_their_real_size(k_model, tmp_path):
+    """--target llamacpp: the choices are llama.cpp's types (q5_k and q6_k too), each trial's
+    average is in the types' real bits, and the plan is a ggml plan within the budget."""
+    import optuna
+
+    from paretoq.models import load_model
+    from paretoq.plan import Plan
+    from paretoq.search import SearchConfig, run_search
+
+    storage = f"sqlite:///{tmp_path / 'cpp.db'}"
+    run_search(SearchConfig(budget=4.0, model=str(k_model), trials=8, round_size=4, calib_tokens=256, eval_tokens=256,
+                            seq_len=32, sensitivity_tokens=64, study="cpp", storage=storage, out=tmp_path / "out",
+                            progress=False, target="llamacpp"))
+    adapter = load_model(str(k_model), weights=False).adapter
+    plan = Plan.load(tmp_path / "out" / "plan.json")
+    assert plan.quant.method == "ggml" and plan.avg_bits(adapter, over="plan") <= 4.0 + 1e-9
+    study = optuna.load_study(study_name="cpp", storage=storage)
+    assert study.user_attrs["quant"]["method"] == "ggml"
+    for t in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):  # avg_bits: real bits, by Plan's arithmetic
+        assert t.values[1] == pytest.approx(t.user_attrs["effective_bits"])
+
+
+def test_a_search_for_llamacpp_refuses_rows_k_quants_cannot_store(tiny_search_model_dir, tmp_path):
+    from paretoq.search import SearchConfig, run_search
+
+    with pytest.raises(ParetoqError, match="blocks are 256 wide"):
+        run_search(SearchConfig(budget=4.0, model=str(tiny_search_model_dir), trials=4, study="x",
+                                storage=f"sqlite:///{tmp_path / 'x.db'}", out=tmp_path / "out", progress=False,
+                                target="llamacpp"))
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ import re
 from paretoq.errors import ParetoqError
 from paretoq.export.common import Context, Export
 from paretoq.models import Component
+from paretoq.quant.settings import GGML_TYPES
 
 FILE = "tensor-types.txt"
 # model_type -> GGUF architecture (convert_hf_to_gguf.py's model classes).
@@ -32,11 +33,12 @@ FFN = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 SUFFIX = {"dense": "", "shared": "_shexp", "expert": "_exps"}
 # Router tensors; llama-quantize never quantizes them and no line here may match them.
 ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "exp_probs_b")
-DEFAULT_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 8: "q8_0", "fp": "f16"}
-# ftype for the tensors no line names (token_embd, output), by the plan's most common width.
-BASE_FTYPE = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 8: "Q8_0"}
+# The same width -> type map the search measures with (--target llamacpp, quant method "ggml").
+DEFAULT_TYPES = {**GGML_TYPES, "fp": "f16"}
+# ftype for the tensors no line names (token_embd, output): the mixture of the width nearest the plan's size.
+BASE_FTYPE = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 # ggml's type names (ggml.h ggml_type) that llama-quantize accepts in a tensor-type file.
-GGML_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+GGML_TYPE_NAMES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
               "iq2_xxs", "iq2_xs", "iq3_xxs", "iq1_s", "iq4_nl", "iq3_s", "iq2_s", "iq4_xs", "iq1_m", "tq1_0",
               "tq2_0", "mxfp4")
 
@@ -57,9 +59,10 @@ def parse_types(spec: str | None) -> dict:
         width, _, name = item.partition("=")
         key = width.strip() if width.strip() == "fp" else int(width) if width.strip().isdigit() else None
         name = name.strip().lower()
-        if key not in types or name not in GGML_TYPES:
-            raise ParetoqError(f"--ggml-types entry {item!r} is not WIDTH=TYPE with WIDTH in 2, 3, 4, 8, fp and TYPE "
-                               f"a ggml type ({', '.join(GGML_TYPES)}); e.g. --ggml-types 2=iq2_xs,8=q8_0")
+        if key not in types or name not in GGML_TYPE_NAMES:
+            raise ParetoqError(f"--ggml-types entry {item!r} is not WIDTH=TYPE with WIDTH in "
+                               f"{', '.join(map(str, types))} and TYPE a ggml type ({', '.join(GGML_TYPE_NAMES)}); "
+                               "e.g. --ggml-types 2=iq2_xs,8=q8_0")
         types[key] = name
     return types
 
@@ -89,8 +92,9 @@ def base_width(ctx: Context) -> int:
     keeps most expert weights at 3 would leave the token embedding at q3_k; and not the widest at or
     below the average, which is always just under a budget (a plan of 2.99 bits would get Q2_K's
     q2_k embedding: on the demo that more than doubled the KL of the budget-3 GGUF)."""
-    avg = ctx.plan.avg_bits(ctx.adapter)
-    return min(BASE_FTYPE, key=lambda b: (abs(b - avg), -b))
+    avg = ctx.plan.avg_bits(ctx.adapter)  # a ggml plan's in its types' real bits: compare those
+    price = ctx.plan.quant.budget_bits
+    return min(BASE_FTYPE, key=lambda b: (abs(price(b) - avg), -b))
 
 
 def write(ctx: Context) -> Export:
@@ -102,6 +106,14 @@ def write(ctx: Context) -> Export:
         notes.append("GGUF qwen3moe has no dense FFN tensors: a Qwen3-MoE with mlp_only_layers does not convert")
     types = ctx.options.get("ggml_types") or DEFAULT_TYPES
     imatrix = ctx.options.get("imatrix")
+    if ctx.plan.quant.method == "ggml":
+        if any(types[b] != DEFAULT_TYPES[b] for b in set(ctx.plan.bits.values())):
+            raise ParetoqError("the plan was measured with ggml's q2_k..q8_0 (quant method 'ggml'); --ggml-types "
+                               "would export other types than were measured: drop it, or search with them")
+        if not imatrix:
+            notes.append("the plan was measured with paretoq's importance matrix: write it with `paretoq imatrix` "
+                         "(the search's --calib, --calib-tokens, --eval-tokens, --seq-len, --seed) and pass --imatrix, "
+                         "so that llama-quantize makes the tensors that were measured")
     if any(t.startswith("iq") for t in types.values()) and not imatrix:
         notes.append("i-quants (iq*) need an importance matrix: write one with `paretoq imatrix` and pass "
                      "--imatrix FILE to the export")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from paretoq.errors import ParetoqError
 from paretoq.quant import BITS
+from paretoq.quant.settings import GGML_TYPES
 from paretoq.space import GRANULARITIES, SearchSpace
 
 if TYPE_CHECKING:  # the CLI imports this module at start-up: no torch, no transformers
@@ -48,6 +49,7 @@ class Target:
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)  # fused module name -> its projections
     sym: bool | None = None  # the engine's kernels need this symmetry (None: either)
     act_order: bool | None = None
+    method: str | None = None  # the quantizer the engine applies ("ggml": llama.cpp's own; None: GPTQ)
     fp: bool = True  # the engine can keep a component in full precision
     help: str = ""
 
@@ -70,8 +72,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            help="GPTQModel format within vLLM's limits: 4/8 bits, one width per layer's experts and fused module"),
     Target("llmcompressor", "llmcompressor", "llm-compressor", "component",
            help="llm-compressor recipe: GPTQModifier with one config group per bit width"),
-    Target("llamacpp", "llamacpp", "llama.cpp", "layer-projection",
-           help="llama-quantize --tensor-type-file with GGUF tensor names"),
+    Target("llamacpp", "llamacpp", "llama.cpp", "layer-projection", bits={k: tuple(GGML_TYPES) for k in ALL_BITS},
+           method="ggml",
+           help="llama-quantize --tensor-type-file with GGUF tensor names; searched with ggml's own quantizers "
+                "(q2_k, q3_k, q4_k, q5_k, q6_k, q8_0) at their real sizes"),
     Target("exl3", "exl3", "exllamav3", "layer-projection", fp=False,
            help="exllamav3 util/recompile.py --override YAML mixing EXL3 models of each width"),
     Target("json", "json", "any tool", "component", help="the plan as a flat module -> bits map"),
@@ -162,6 +166,8 @@ def target_space(space: SearchSpace, target: str | None, budget: float | None = 
     bits = {}
     for kind, choices in space.bits.items():
         kept = tuple(b for b in choices if b in t.served(kind))
+        if t.method == "ggml":  # llama.cpp's q5_k and q6_k between the space's widths, which GPTQ lacks
+            kept = tuple(b for b in t.served(kind) if min(choices) <= b <= max(choices))
         if not kept:
             raise ParetoqError(f"search space {space.name!r} gives {kind} {'/'.join(map(str, choices))} bits, none of "
                                f"which {t.engine} serves ({'/'.join(map(str, t.served(kind)))}); widen the space's bits")

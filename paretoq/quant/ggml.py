@@ -33,7 +33,8 @@ def _qtype(name: str):
 
 
 @cache
-def _lib():
+def library():
+    """ggml-python's bindings (its library loaded), or a one-line error saying how to install them."""
     try:
         import ggml  # ggml-python: loads libggml-base, where the quantizers live
     except (ImportError, OSError) as e:
@@ -64,13 +65,13 @@ def check_width(name: str, width: int, what: str = "a row") -> None:
 
 
 def requires_imatrix(name: str) -> bool:
-    return bool(_lib().ggml_quantize_requires_imatrix(int(_qtype(name))))
+    return bool(library().ggml_quantize_requires_imatrix(int(_qtype(name))))
 
 
 def quantize(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """``W`` ([rows, n] float) as ggml type ``name``: ``[rows, row bytes]`` uint8, the bytes a GGUF
     holds. ``imatrix``: ``[n]`` importance per column (llama-quantize's mean squares), or None."""
-    ggml = _lib()
+    ggml = library()
     t = int(_qtype(name))
     src = np.ascontiguousarray(W, dtype=np.float32)
     if src.ndim != 2:

@@ -109,7 +109,8 @@ def settings_for(flags: dict, target=None, base: QuantSettings | None = None) ->
     is refused: the plan was measured with its settings, and the target's engine runs only its own."""
     base = base or QuantSettings()
     given = {k: check(k, v, FLAGS[k]) for k, v in flags.items() if v is not None}
-    needed = {k: v for k, v in (("sym", getattr(target, "sym", None)), ("act_order", getattr(target, "act_order", None)))
+    needed = {k: v for k, v in (("sym", getattr(target, "sym", None)), ("act_order", getattr(target, "act_order", None)),
+                                ("method", getattr(target, "method", None)))
               if v is not None}
     for k, v in given.items():
         if k in needed and needed[k] != v:
