@@ -1,26 +1,28 @@
 """llama.cpp's own mixtures against paretoq plans applied by llama-quantize, on one scale (issue 18).
 
-    PARETOQ_CACHE=... python studies/llamacpp/run.py LLAMA_CPP_DIR [--model demo] [--budgets 2.5,3,3.5,4]
+    PARETOQ_CACHE=... python studies/llamacpp/run.py LLAMA_CPP_DIR [--model demo] [--budgets match|2.5,3,...]
                                                      [--ftypes Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M] [--trials 60]
-                                                     [--work /tmp/paretoq-llamacpp] [--out studies/llamacpp]
+                                                     [--no-imatrix] [--work /tmp/paretoq-llamacpp] [--out studies/llamacpp]
 
-LLAMA_CPP_DIR is a llama.cpp source tree with ``build/bin/llama-quantize`` built (the sdist of
-llama-cpp-python carries one under ``vendor/llama.cpp``; docs/benchmarks.md says how to build it
-offline). Every GGUF is made by llama.cpp itself, from one f32 GGUF written by its own converter:
+LLAMA_CPP_DIR is a llama.cpp source tree with ``build/bin/llama-quantize`` and ``llama-perplexity``
+built (the sdist of llama-cpp-python carries one under ``vendor/llama.cpp``; docs/benchmarks.md says
+how to build it offline). Every GGUF is made by llama.cpp itself, from one f32 GGUF written by its
+own converter, with one importance matrix (``paretoq imatrix`` on the search's calibration windows;
+``--no-imatrix``: none anywhere):
 
-- llama.cpp's mixtures: ``llama-quantize f32.gguf out.gguf FTYPE``;
-- paretoq's: ``paretoq search --target llamacpp --budget B``, then ``paretoq export --format llamacpp``
-  (a tensor-type file and a base type), then ``llama-quantize --tensor-type-file ... BASE``.
+- llama.cpp's mixtures: ``llama-quantize --imatrix I f32.gguf out.gguf FTYPE``;
+- paretoq's: ``paretoq search --target llamacpp --budget B`` (ggml's own types measured at their real
+  sizes with the same importance), ``paretoq export --format llamacpp --imatrix I`` (a tensor-type
+  file, a base type and the imatrix), then ``llama-quantize --imatrix I --tensor-type-file ... BASE``.
 
-No importance matrix anywhere. The file size counts what the bits column leaves out (token_embd
-and output, whose types the base ftype sets). Each GGUF is measured twice on the same text, the eval windows of
-seed 0: by ``paretoq eval --gguf`` (bits per weight over the searched components as the file stores
-them, block scales included; KL and perplexity), and by llama.cpp's own ``llama-perplexity
---kl-divergence`` against the f32 GGUF, over those windows decoded to text (llama.cpp re-tokenizes
-it and scores the second half of each 256-token chunk, so its mean KLD is over other positions,
-computed in other precisions). The search measures paretoq's GPTQ at nominal widths (2/3/4/8), not
-ggml's quantizers at their real sizes, so its plans are not chosen for llama.cpp's types: this
-table says how well they transfer. Writes result.json and result.md into --out.
+``--budgets match`` (the default) searches at each mixture's own bits per weight over the searched
+components, as its file stores them, so each plan's components take at most the mixture's bytes.
+The file size also counts token_embd and output, whose types the base ftype sets. Each GGUF is
+measured twice on the same text, the eval windows of seed 0: by ``paretoq eval --gguf`` (KL and
+perplexity), and by llama.cpp's own ``llama-perplexity --kl-divergence`` against the f32 GGUF, over
+those windows decoded to text (llama.cpp re-tokenizes it and scores the second half of each
+256-token chunk, so its mean KLD is over other positions, computed in other precisions). Writes
+result.json and result.md into --out.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ convert_hf_to_gguf.main()
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def quantize(llama: Path, src: Path, out: Path, ftype: str, types_file: Path | None = None) -> None:
+def quantize(llama: Path, src: Path, out: Path, ftype: str, types_file: Path | None = None,
+             imatrix: Path | None = None) -> None:
     args = [str(llama / "build" / "bin" / "llama-quantize")]
+    args += ["--imatrix", str(imatrix)] if imatrix else []
     args += ["--tensor-type-file", str(types_file)] if types_file else []
     subprocess.run([*args, str(src), str(out), ftype], check=True, capture_output=True)
 
@@ -106,7 +110,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("llama_cpp", type=Path)
     p.add_argument("--model", default="demo")
-    p.add_argument("--budgets", default="2.5,3,3.5,4")
+    p.add_argument("--budgets", default="match")
+    p.add_argument("--no-imatrix", action="store_true")
     p.add_argument("--ftypes", default="Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M")
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--work", type=Path, default=Path("/tmp/paretoq-llamacpp"))
@@ -119,25 +124,33 @@ def main() -> int:
     f32 = a.work / "model-f32.gguf"
     if not f32.is_file():
         convert(a.llama_cpp, model, f32)
+    imatrix = None if a.no_imatrix else a.work / "imatrix.gguf"
+    if imatrix is not None and not imatrix.is_file():
+        paretoq("imatrix", "--model", str(a.model), "--out", str(imatrix), "--quiet")
     ggufs: dict[str, dict] = {}
+    budgets = []
     for ftype in a.ftypes.split(","):
         out = a.work / f"llamacpp-{ftype}.gguf"
         if not out.is_file():
-            quantize(a.llama_cpp, f32, out, ftype)
+            quantize(a.llama_cpp, f32, out, ftype, imatrix=imatrix)
         ggufs[out.name] = {"source": "llama.cpp", "ftype": ftype}
+        if a.budgets == "match":  # the mixture's bits per weight over the searched components, rounded down
+            bpw = json.loads(paretoq("eval", "--model", str(a.model), "--gguf", str(out), "--json", "--quiet"))["avg_bits"]
+            budgets.append(f"{int(bpw * 1e4) / 1e4:.4f}")
+    budgets = budgets if a.budgets == "match" else a.budgets.split(",")
     storage = f"sqlite:///{(a.work / 'study.db').resolve()}"
-    for budget in a.budgets.split(","):
+    for budget in budgets:
         run = a.work / f"search-{budget}"
         if not (run / "plan.json").is_file():
             paretoq("search", "--model", str(a.model), "--target", "llamacpp", "--budget", budget, "--trials",
                     str(a.trials), "--study", f"llamacpp-{budget}", "--storage", storage, "--out", str(run), "--quiet")
         export = a.work / f"export-{budget}"
         said = paretoq("export", "--plan", str(run / "plan.json"), "--format", "llamacpp", "--out", str(export),
-                       "--model", str(model))
+                       "--model", str(model), *(["--imatrix", str(imatrix)] if imatrix else []))
         # the export's own next step names the base type (for the tensors no line of the file names)
         base_ftype = next(line for line in said.splitlines() if line.strip().startswith("llama-quantize")).split()[-1]
         out = a.work / f"paretoq-{budget}.gguf"
-        quantize(a.llama_cpp, f32, out, base_ftype, export / "tensor-types.txt")
+        quantize(a.llama_cpp, f32, out, base_ftype, export / "tensor-types.txt", imatrix=imatrix)
         ggufs[out.name] = {"source": "paretoq", "budget": float(budget), "base": base_ftype}
     text = a.work / "eval.txt"
     if not text.is_file():
