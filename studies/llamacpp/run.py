@@ -112,6 +112,9 @@ def main() -> int:
     p.add_argument("--model", default="demo")
     p.add_argument("--budgets", default="match")
     p.add_argument("--no-imatrix", action="store_true")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="with --budgets match: search this many bits below each mixture (the GGUF can exceed the "
+                        "plan where llama-quantize falls back to wider types, e.g. DeepSeek's 32-wide attn_k_b rows)")
     p.add_argument("--ftypes", default="Q2_K,Q3_K_S,Q3_K_M,Q4_K_S,Q4_K_M")
     p.add_argument("--trials", type=int, default=60)
     p.add_argument("--work", type=Path, default=Path("/tmp/paretoq-llamacpp"))
@@ -136,7 +139,7 @@ def main() -> int:
         ggufs[out.name] = {"source": "llama.cpp", "ftype": ftype}
         if a.budgets == "match":  # the mixture's bits per weight over the searched components, rounded down
             bpw = json.loads(paretoq("eval", "--model", str(a.model), "--gguf", str(out), "--json", "--quiet"))["avg_bits"]
-            budgets.append(f"{int(bpw * 1e4) / 1e4:.4f}")
+            budgets.append(f"{int((bpw - a.margin) * 1e4) / 1e4:.4f}")
     budgets = budgets if a.budgets == "match" else a.budgets.split(",")
     storage = f"sqlite:///{(a.work / 'study.db').resolve()}"
     for budget in budgets:
