@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -159,25 +160,33 @@ def main() -> int:
     if not text.is_file():
         eval_text(model, text)
     kld = llama_kld(a.llama_cpp, f32, [a.work / n for n in ggufs], text, a.work)
+    # The search selected on the first two thirds of these windows; its held-out third alone (search.py
+    # TEST_FRACTION), measured by llama.cpp too, is the claim that no selection touched.
+    held = a.work / "heldout"
+    held.mkdir(exist_ok=True)
+    windows = text.read_text().splitlines()
+    atomic_write_text(held / "heldout.txt", "\n".join(windows[len(windows) - math.ceil(len(windows) / 3):]) + "\n")
+    kld_held = llama_kld(a.llama_cpp, f32, [a.work / n for n in ggufs], held / "heldout.txt", held)
     report = eval_plans(gguf=[a.work / n for n in ggufs], model=str(a.model), progress=False)
     rows = []
     for pe in report.plans:
         r = pe.result
         rows.append({**ggufs[pe.name], "gguf": pe.name, "bpw": pe.avg_bits, "bytes": pe.size_bytes, "kl": r.kl,
-                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement, "llama_kld": kld[pe.name],
+                     "ppl": r.ppl, "ppl_fp": r.ppl_fp, "agreement": r.agreement, "llama_kld": kld[pe.name], "llama_kld_heldout": kld_held[pe.name],
                      "file_bytes": (a.work / pe.name).stat().st_size})
     rows.sort(key=lambda r: r["bpw"])
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out / "result.json", json.dumps(rows, indent=1) + "\n")
     lines = ["| GGUF | made by | file MiB | bits per weight (components) | KL (paretoq eval --gguf) "
-             "| mean KLD (llama-perplexity) | KL / KLD | perplexity | top-1 agreement |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| mean KLD (llama-perplexity) | KL / KLD | mean KLD, held-out third | perplexity | top-1 agreement |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         who = (f"paretoq plan at budget {r['budget']:g}, base {r['base']}" if r["source"] == "paretoq"
                else f"llama.cpp {r['ftype']}")
         lines.append(f"| {r['gguf']} | {who} | {r['file_bytes'] / 2**20:.3f} | {r['bpw']:.3f} | {r['kl']:.4g} | "
                      f"{r['llama_kld']:.4g} | "
-                     f"{r['kl'] / r['llama_kld']:.3f} | {r['ppl']:.3f} | {r['agreement']:.4f} |")
+                     f"{r['kl'] / r['llama_kld']:.3f} | {r['llama_kld_heldout']:.4g} | {r['ppl']:.3f} | "
+                     f"{r['agreement']:.4f} |")
     same = [sorted(rows, key=lambda r: r[k]) for k in ("kl", "llama_kld")]
     lines.append("\nThe two tools rank the files " + ("the same way." if same[0] == same[1] else "differently."))
     lines.append(f"\nFull-precision perplexity {rows[0]['ppl_fp']:.3f}." if rows else "")
