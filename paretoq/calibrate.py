@@ -20,6 +20,7 @@ that lacks some (another width, another eval part) walks once and computes only 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -103,7 +104,9 @@ class _ReferenceWriter:
         self.directory, self.part, self.batch_size = directory, part, batch_size
         ids = part.input_ids
         self.in_memory = ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= max_bytes
-        self.tmp = directory.with_name(directory.name + ".partial")
+        # One partial directory per process: workers started together on an empty cache each write
+        # the same reference, and must not delete one another's half-written one.
+        self.tmp = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.nll, self.argmax, self.kept, self.batches = 0.0, [], [], 0
@@ -127,11 +130,24 @@ class _ReferenceWriter:
         nll = self.nll / ids[:, 1:].numel()
         (self.tmp / "reference.json").write_text(json.dumps(
             {"nll": nll, "exact_in_memory": self.in_memory, "batch_size": self.batch_size, "batches": self.batches}))
-        shutil.rmtree(self.directory, ignore_errors=True)
-        self.tmp.rename(self.directory)  # the whole entry appears at once
-        ref = read_reference(self.directory, ids)
-        assert ref is not None
-        return ref
+        # The whole entry appears at once. An older one (--no-cache, or damaged) is moved aside first;
+        # where another process put its copy in between (same inputs, same content), that one stays.
+        old = self.directory.with_name(f"{self.directory.name}.old-{os.getpid()}")
+        try:
+            self.directory.rename(old)
+        except FileNotFoundError:
+            pass
+        try:
+            self.tmp.rename(self.directory)
+        except OSError:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        for _ in range(100):  # another process may be between its two renames for a moment
+            ref = read_reference(self.directory, ids)
+            if ref is not None:
+                return ref
+            time.sleep(0.1)
+        raise RuntimeError(f"the fp reference {self.directory} did not read back after it was written")
 
 
 def _save_light_capture(directory: Path, layer: int, cap: Capture, outliers: dict[str, float]) -> None:

@@ -346,6 +346,17 @@ def run_search(cfg: SearchConfig) -> SearchState:
     return search(cfg, groups, prep, storage, space_name=space.name, started=started, timings=timings)
 
 
+def _recorded_method(storage, name: str) -> str | None:
+    """The sensitivity method a study was started with (None for a new study). Read before the
+    sensitivity pass, without creating the study: the creator creates it and enqueues its
+    baselines back to back after that pass, so that workers started with it never find a study
+    without baselines and enqueue them again."""
+    try:
+        return optuna.load_study(study_name=name, storage=storage).user_attrs.get("sensitivity")
+    except KeyError:  # no such study yet
+        return None
+
+
 def _sensitivity_tables(cfg: SearchConfig, groups: list[Group], prep: Prepared,
                         recorded: str | None = None) -> tuple[Tables, str]:
     usage = {g.name: float(np.mean([prep.usage.get(k, 1.0) for k in g.keys])) for g in groups}
@@ -424,6 +435,14 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
     name = cfg.study or default_study_name(cfg.model, cfg.budget)
     out = Path(cfg.out) if cfg.out else Path("studies") / name
     ev = prep.evaluator
+    t, before = time.time(), ev.evaluations
+    tables, method = _sensitivity_tables(cfg, groups, prep, _recorded_method(storage, name))
+    evaluations = {"sensitivity": ev.evaluations - before}
+    timings["measured sensitivity"] = time.time() - t
+    t = time.time()
+    baseline_genomes = _baselines(cfg, groups, prep, tables)
+    timings["baselines (heuristics, exact knapsack)"] = time.time() - t
+    fp_ppl = ev.reference("select").ppl
 
     # -- the study ----------------------------------------------------------------------------
     def sampler(seed: int) -> optuna.samplers.BaseSampler:
@@ -434,14 +453,6 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, created = _open_study(name, storage, sampler(cfg.seed))
-    t, before = time.time(), ev.evaluations
-    tables, method = _sensitivity_tables(cfg, groups, prep, study.user_attrs.get("sensitivity"))
-    evaluations = {"sensitivity": ev.evaluations - before}
-    timings["measured sensitivity"] = time.time() - t
-    t = time.time()
-    baseline_genomes = _baselines(cfg, groups, prep, tables)
-    timings["baselines (heuristics, exact knapsack)"] = time.time() - t
-    fp_ppl = ev.reference("select").ppl
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # Workers that join a study draw other random numbers than its creator, or they would all
     # propose the same plans; the creator's run stays reproducible from --seed.
