@@ -282,7 +282,7 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     # Missing or truncated shards, a bad --dtype or --device: before the study is created.
     sm = open_model(cfg.model, dtype=cfg.dtype, device=cfg.device, max_memory=cfg.max_memory,
                     trust_remote_code=cfg.trust_remote_code)
-    groups = make_groups(sm.adapter, space, settings.budget_bits if settings.method != "gptq" else None)
+    groups = make_groups(sm.adapter, space, settings.budget_bits)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
     widths = {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys}

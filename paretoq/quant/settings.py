@@ -17,8 +17,6 @@ METHODS = ("gptq", "ggml")  # paretoq's GPTQ, or llama.cpp's own quantizers (par
 # method "ggml": the width a plan gives -> the ggml type it is quantized to (llama.cpp's K-quants and
 # q8_0); its budget bits are the type's real bits per weight (q4_k: 4.5, scales included).
 GGML_TYPES = {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0"}
-GGML_BPW = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q8_0": 8.5}
-GGML_BLOCK = {"q2_k": 256, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256, "q8_0": 32}  # weights per block
 GPTQ_WIDTHS = (2, 3, 4, 8)
 GRIDS = ("search", "minmax")  # how GPTQ chooses a group's grid: a shrink search on its loss, or min-max
 # Below 1e-4 the damping vanishes in float32 even after GPTQ's retries (x10 each, 6 times).
@@ -48,7 +46,11 @@ class QuantSettings:
     def budget_bits(self, bits: int) -> float:
         """Bits per weight that ``bits`` costs in a budget: the width itself for GPTQ (scales are
         reported apart, as effective bits), the ggml type's real bits per weight for ggml."""
-        return GGML_BPW[GGML_TYPES[bits]] if self.method == "ggml" else float(bits)
+        if self.method != "ggml":
+            return float(bits)
+        from paretoq.quant.ggml import bits_per_weight  # gguf's block sizes, imported only for ggml plans
+
+        return bits_per_weight(GGML_TYPES[bits])
 
     def to_dict(self) -> dict:
         if self.method == "ggml":
@@ -161,10 +163,13 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
 def check_ggml_widths(bits: dict[str, int], widths: dict[str, int]) -> None:
     """Refuse, before any work, a ggml plan with a component whose input width its type's blocks do
     not tile (K-quants: 256; llama-quantize would silently fall back to another type)."""
+    from paretoq.quant.ggml import block
+
     for key, b in bits.items():
         t = GGML_TYPES[b]
-        if widths[key] % GGML_BLOCK[t]:
-            fits = [w for w, tt in GGML_TYPES.items() if widths[key] % GGML_BLOCK[tt] == 0]
+        size = block(t)[0]
+        if widths[key] % size:
+            fits = [w for w, tt in GGML_TYPES.items() if widths[key] % block(tt)[0] == 0]
             raise ParetoqError(f"{key} has {widths[key]} input columns, which {t} (width {b}) cannot store: its "
-                               f"blocks are {GGML_BLOCK[t]} wide; give it width {' or '.join(map(str, fits)) or '-'} "
+                               f"blocks are {size} wide; give it width {' or '.join(map(str, fits)) or '-'} "
                                "or leave it out of the plan")
