@@ -30,6 +30,9 @@ from paretoq.kernels.layout import PackedWeight, dequantize, plane_words
 DENSE, MOE_UP, MOE_DOWN = 0, 1, 2
 # Activation applied while loading A (MOE_DOWN only): none, or SwiGLU silu(gate) * up on [gate | up].
 ACT_NONE, ACT_SILU_MUL = 0, 1
+# The kernel reads these as compile-time constants: compiled Triton refuses a plain global int in a
+# kernel (NameError at compile time), while its interpreter accepts one, so CPU runs never see it.
+_DENSE, _MOE_UP, _MOE_DOWN, _ACT_SILU_MUL = (tl.constexpr(v) for v in (DENSE, MOE_UP, MOE_DOWN, ACT_SILU_MUL))
 # Triton 3.9's interpreter computes bf16 `tl.dot` and int->bf16 casts wrongly (off by orders of
 # magnitude, measured): under it the dot runs in fp32. Compiled kernels keep the native dot.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,7 +74,7 @@ def _qmm_kernel(
     comp = pid_m * 0  # index of the weight matrix in this width's stacked buffer (a tensor in every mode)
     expert_slot = 0  # row of the bias table: expert * NUM_SLOTS + slot
     out_col0 = 0
-    if MODE == DENSE:
+    if MODE == _DENSE:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         a_rows = offs_m
@@ -94,7 +97,7 @@ def _qmm_kernel(
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         sid = tl.load(sorted_ptr + offs_m)  # flat (token, k) assignment index; M marks padding
         m_mask = sid < M
-        if MODE == MOE_UP:
+        if MODE == _MOE_UP:
             a_rows = sid // top_k  # read the token's hidden state, write the sorted row
             o_rows = offs_m
         else:
@@ -113,7 +116,7 @@ def _qmm_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
-        if ACT == ACT_SILU_MUL:
+        if ACT == _ACT_SILU_MUL:
             # SwiGLU fused into the load: the up stage wrote [gate | up] rows, so the activation never
             # makes a round trip through memory.
             gate = tl.load(a_rows_ptr[:, None] + offs_k[None, :], mask=a_mask, other=0.0).to(tl.float32)
@@ -145,7 +148,7 @@ def _qmm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert_slot * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if MODE == MOE_DOWN:  # routing weight of each (token, k) assignment, before the sum over k
+    if MODE == _MOE_DOWN:  # routing weight of each (token, k) assignment, before the sum over k
         acc *= tl.load(route_w_ptr + o_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     o_ptrs = out_ptr + o_rows.to(tl.int64)[:, None] * stride_om + out_col0 + offs_n[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
