@@ -57,19 +57,18 @@ def tensor_name(c: Component) -> str:
     return f"{gguf_names(c)[0]}.weight"
 
 
-def _rows(adapter: Adapter, c: Component) -> tuple[int, int]:
-    """(rows of ``c``'s entry, ``c``'s row): one row per expert of a stacked expert tensor."""
-    if c.kind == "expert":
-        experts = {b.layer: b.num_experts for b in adapter.moe_blocks}[c.layer]
-        return experts, c.expert
-    return 1, 0
+def _row_map(adapter: Adapter):
+    """``c -> (rows of c's entry, c's row)``: one row per expert of a stacked expert tensor."""
+    experts = {b.layer: b.num_experts for b in adapter.moe_blocks}
+    return lambda c: (experts[c.layer], c.expert) if c.kind == "expert" else (1, 0)
 
 
 def add_layer(im: Imatrix, adapter: Adapter, cap, components: list[Component]) -> None:
     """Record ``components``' input sums of squares and token counts from one capture pass."""
+    rows_of = _row_map(adapter)
     for c in components:
         name = tensor_name(c)
-        rows, row = _rows(adapter, c)
+        rows, row = rows_of(c)
         width = c.shape[1]
         sums = im.sums.setdefault(name, np.zeros((rows, width), np.float32))
         counts = im.counts.setdefault(name, np.zeros(rows, np.float32))
@@ -164,9 +163,10 @@ def check(path: str | Path, adapter: Adapter) -> Imatrix:
     its GGUF weights, with its input width and expert count. Fails with a one-line error otherwise."""
     im = read(path)
     want: dict[str, tuple[int, int]] = {}
+    rows_of = _row_map(adapter)
     for c in adapter.components:
         for n in gguf_names(c):
-            want[f"{n}.weight"] = (_rows(adapter, c)[0], c.shape[1])
+            want[f"{n}.weight"] = (rows_of(c)[0], c.shape[1])
     for name, s in im.sums.items():
         if name in want and tuple(s.shape) != want[name]:
             raise ParetoqError(f"{path}'s entry {name} is {list(s.shape)} (rows x inputs) where this model needs "

@@ -56,10 +56,15 @@ def bits_per_weight(name: str) -> float:
     return 8 * nbytes / size
 
 
+def fitting(width: int, types=TYPES) -> list[str]:
+    """Those of ``types`` whose blocks tile a row of ``width`` columns."""
+    return [t for t in types if width % block(t)[0] == 0]
+
+
 def check_width(name: str, width: int, what: str = "a row") -> None:
     size, _ = block(name)
     if width % size:
-        fits = [t for t in TYPES if width % block(t)[0] == 0]
+        fits = fitting(width)
         raise ParetoqError(f"{what} of {width} columns cannot be stored as {name}: its blocks are {size} wide; "
                            f"choose one of {', '.join(fits) or 'none of the supported types'}")
 

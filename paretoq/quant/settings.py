@@ -163,13 +163,14 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
 def check_ggml_widths(bits: dict[str, int], widths: dict[str, int]) -> None:
     """Refuse, before any work, a ggml plan with a component whose input width its type's blocks do
     not tile (K-quants: 256; llama-quantize would silently fall back to another type)."""
-    from paretoq.quant.ggml import block
+    from paretoq.quant.ggml import block, fitting
 
     for key, b in bits.items():
         t = GGML_TYPES[b]
         size = block(t)[0]
         if widths[key] % size:
-            fits = [w for w, tt in GGML_TYPES.items() if widths[key] % block(tt)[0] == 0]
+            types = fitting(widths[key], GGML_TYPES.values())
+            fits = [w for w, tt in GGML_TYPES.items() if tt in types]
             raise ParetoqError(f"{key} has {widths[key]} input columns, which {t} (width {b}) cannot store: its "
                                f"blocks are {size} wide; give it width {' or '.join(map(str, fits)) or '-'} "
                                "or leave it out of the plan")
