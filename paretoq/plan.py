@@ -16,7 +16,6 @@ from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, Component
 from paretoq.quant.pack import packed_words
 from paretoq.quant.quantizer import BITS, QuantSettings, check_group_size, group_columns
-from paretoq.quant.settings import check_ggml_widths
 
 PLAN_FORMAT = "paretoq.plan/1"
 # Scales and zero points are stored as fp16 each: 32 bits per row and group.
@@ -43,7 +42,7 @@ class Plan:
     def avg_bits(self, adapter: Adapter, over: str = "model") -> float:
         """Average bits per weight, weighted by parameter count (see ``over`` above)."""
         comps = self.components(adapter)
-        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key]) for c in comps)
+        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key], c.shape[1]) for c in comps)
         if over == "plan":
             total = sum(c.params for c in comps)
             return quantized / total if total else 0.0
@@ -54,7 +53,8 @@ class Plan:
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
         if self.quant.method == "ggml":  # the GGUF's bytes: whole blocks, scales inside
-            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key]) / 8) for c in self.components(adapter))
+            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key], c.shape[1]) / 8)
+                       for c in self.components(adapter))
         return sum(component_bytes(c, self.bits[c.key], self.quant.group_size) for c in self.components(adapter))
 
     def effective_bits(self, adapter: Adapter, over: str = "model") -> float:
@@ -86,11 +86,8 @@ class Plan:
         if wrong:
             raise ParetoqError(f"the plan gives {wrong[0]!r} {self.bits[wrong[0]]} bits, which quant method "
                                f"{self.quant.method!r} does not offer; use one of {', '.join(map(str, self.quant.widths))}")
-        widths = {k: adapter.component(k).shape[1] for k in self.bits}
-        if self.quant.method == "ggml":
-            check_ggml_widths(self.bits, widths)
-        else:
-            check_group_size(self.quant.group_size, widths)
+        if self.quant.method != "ggml":  # ggml: rows a type cannot tile take llama-quantize's fallback type
+            check_group_size(self.quant.group_size, {k: adapter.component(k).shape[1] for k in self.bits})
 
     def to_dict(self, adapter: Adapter | None = None) -> dict:
         d = {"format": PLAN_FORMAT, "bits": dict(self.bits), "quant": self.quant.to_dict(), "model": self.model,

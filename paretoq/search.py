@@ -56,7 +56,6 @@ from paretoq.models import Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.quant.ggml import library as ggml_library
-from paretoq.quant.settings import check_ggml_widths
 from paretoq.probes.sensitivity import METHODS as SENSITIVITY_METHODS
 from paretoq.probes.sensitivity import measure_sensitivity, resolve_method
 from paretoq.quant.settings import QuantSettings, check_group_size, flag_args, settings_for
@@ -285,14 +284,10 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     groups = make_groups(sm.adapter, space, settings.budget_bits)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
-    widths = {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys}
-    if settings.method == "ggml":  # every choice of every group must fit its type's blocks; ggml must load
-        for g in groups:
-            for b in g.choices:
-                check_ggml_widths(dict.fromkeys(g.keys, b), widths)
+    if settings.method == "ggml":  # rows a type cannot tile are priced and measured at llama-quantize's fallback
         ggml_library()
     else:
-        check_group_size(settings.group_size, widths)
+        check_group_size(settings.group_size, {k: sm.adapter.component(k).shape[1] for g in groups for k in g.keys})
     lo, _ = min_max_bits(groups)
     if cfg.budget < lo - 1e-9:
         raise ParetoqError(f"budget {cfg.budget:g} is below the smallest plan of this space ({lo:.3f} bits); raise --budget")

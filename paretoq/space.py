@@ -116,8 +116,8 @@ def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpa
 
 
 def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[Group]:
-    """The space's groups of ``adapter``'s components; ``budget_bits`` (width -> bits per weight it
-    costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at their widths."""
+    """The space's groups of ``adapter``'s components; ``budget_bits`` ((width, row width) -> bits per
+    weight it costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at their widths."""
     tied: dict[str, list] = {}
     for c in adapter.components:
         if c.kind not in space.bits:
@@ -133,9 +133,13 @@ def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[
             tie = next((t for t in space.tie if proj in t), None)
             name = f"{prefix}.{'+'.join(tie)}" if tie else c.key
         tied.setdefault(name, []).append(c)
+    def costs(comps, choices) -> tuple[float, ...]:  # each choice's bits per weight over the group's parameters
+        params = sum(c.params for c in comps)
+        return tuple(sum(c.params * budget_bits(b, c.shape[1]) for c in comps) / params for b in choices)
+
     return [
         Group(name, comps[0].kind, comps[0].layer, tuple(c.key for c in comps), sum(c.params for c in comps),
-              space.bits[comps[0].kind], tuple(map(budget_bits, space.bits[comps[0].kind])) if budget_bits else ())
+              space.bits[comps[0].kind], costs(comps, space.bits[comps[0].kind]) if budget_bits else ())
         for name, comps in tied.items()
     ]
 

@@ -9,10 +9,11 @@ from gguf.quants import quantize as gguf_quantize
 
 from paretoq.errors import ParetoqError
 from paretoq.quant import ggml
+from paretoq.quant.settings import GGML_TYPES
 
 # llama.cpp's own figures (ggml-common.h block layouts): bits per weight, scales included
 BPW = {"q2_k": 2.625, "q3_k": 3.4375, "q4_k": 4.5, "q5_k": 5.5, "q6_k": 6.5625, "q8_0": 8.5, "q4_0": 4.5,
-       "iq4_xs": 4.25}
+       "q5_0": 5.5, "q5_1": 6.0, "iq4_xs": 4.25, "f16": 16.0}
 
 
 def _w(rows=6, n=512, seed=0):
@@ -58,13 +59,28 @@ def test_an_importance_matrix_lowers_the_weighted_error(name):
 
 
 def test_refusals_name_the_fix():
-    with pytest.raises(ParetoqError, match="blocks are 256 wide; choose one of q8_0, q4_0, q5_0, iq4_nl"):
+    with pytest.raises(ParetoqError, match="blocks are 256 wide; choose one of q8_0, q4_0, q5_0, q5_1, iq4_nl, f16$"):
         ggml.quantize(_w(n=96), "q4_k")
     with pytest.raises(ParetoqError, match="needs an importance matrix"):
         ggml.quantize(_w(), "iq2_xs")
     with pytest.raises(ParetoqError, match="not a ggml type"):
         ggml.quantize(_w(), "q4_k_m")
     assert ggml.round_trip(_w(), "iq2_xs", np.ones(512, np.float32)).shape == (6, 512)
+
+
+def test_rows_a_type_cannot_tile_take_llama_quantizes_fallback():
+    """llama-quantize's tensor_type_fallback (src/llama-quant.cpp): a K-quant on rows that are not a
+    multiple of 256 wide (GPT-OSS's 2880) is stored as a 32-block type, and rows that are not a
+    multiple of 32 as f16. Each fallback quantizes through ggml and dequantizes through gguf."""
+    asked = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "iq2_xs", "q4_0")
+    assert [ggml.stored_type(t, 2816) for t in asked] == list(asked)  # 11 x 256: every block fits
+    assert [ggml.stored_type(t, 2880) for t in asked] == ["q4_0", "q4_0", "q5_0", "q5_1", "q8_0", "q8_0", "iq4_nl",
+                                                           "q4_0"]
+    assert {ggml.stored_type(t, 48) for t in asked} == {"f16"}
+    W = _w(n=2880, seed=5)
+    rel = {t: float(np.linalg.norm(ggml.round_trip(W, t) - W) / np.linalg.norm(W))
+           for t in ("q4_0", "q5_0", "q5_1", "q8_0", "iq4_nl", "f16")}
+    assert rel["q4_0"] > rel["q5_0"] > rel["q5_1"] > rel["q8_0"] > rel["f16"] and rel["q4_0"] < 0.15, rel
 
 
 # -- the ggml quant method: the quant cache, plans and eval ---------------------------------------
@@ -127,15 +143,25 @@ def test_plan_budget_in_real_bits_by_hand(k_model):
     assert back.quant.method == "ggml" and back.bits == bits
 
 
-def test_a_ggml_plan_is_refused_where_its_blocks_do_not_fit(tiny_model_dir):
+def test_a_ggml_plan_prices_rows_k_quants_cannot_tile_at_the_fallback_by_hand(tiny_model_dir):
+    """Every input width of the tiny model (64, 128, 32) is a multiple of 32 but not of 256: a
+    K-quant plan is stored, and so priced, as llama-quantize's fallback types."""
     from paretoq.models import load_model
     from paretoq.plan import Plan
     from paretoq.quant.quantizer import QuantSettings
+    from paretoq.space import SearchSpace, make_groups
 
-    adapter = load_model(str(tiny_model_dir), weights=False).adapter  # hidden 64
-    with pytest.raises(ParetoqError, match="blocks are 256 wide; give it width 8"):
-        Plan.uniform(adapter, 4, quant=QuantSettings(method="ggml")).validate(adapter)
-    Plan.uniform(adapter, 8, quant=QuantSettings(method="ggml")).validate(adapter)  # q8_0's 32-wide blocks fit
+    adapter = load_model(str(tiny_model_dir), weights=False).adapter
+    ggml_settings = QuantSettings(method="ggml")
+    params = sum(c.params for c in adapter.components)
+    for width, bpw in ((2, 4.5), (4, 5.5), (5, 6.0), (6, 8.5), (8, 8.5)):  # q4_0, q5_0, q5_1, q8_0, q8_0
+        plan = Plan.uniform(adapter, width, quant=ggml_settings)
+        plan.validate(adapter)
+        assert plan.avg_bits(adapter, over="plan") == pytest.approx(bpw)
+        assert plan.size_bytes(adapter) == params * bpw / 8
+    space = SearchSpace("t", "layer-experts", {"attn": (2, 6), "expert": (2, 4, 8)}, ())
+    for g in make_groups(adapter, space, ggml_settings.budget_bits):
+        assert g.costs == ((4.5, 8.5) if g.kind == "attn" else (4.5, 5.5, 8.5)), g
     with pytest.raises(ParetoqError, match="does not offer"):
         Plan.uniform(adapter, 5).validate(adapter)  # GPTQ has no 5 bits
     with pytest.raises(ParetoqError, match="maps widths to ggml types"):
@@ -179,11 +205,33 @@ def test_a_search_for_llamacpp_measures_ggml_types_at_their_real_size(k_model, t
         assert t.values[1] == pytest.approx(t.user_attrs["effective_bits"])
 
 
-def test_a_search_for_llamacpp_refuses_rows_k_quants_cannot_store(tiny_search_model_dir, tmp_path):
+def test_a_search_for_llamacpp_measures_the_fallback_types_llama_quantize_stores(tiny_search_model_dir, tmp_path):
+    """Rows that K-quants cannot tile (the tiny DeepSeek's widths are 64, 32 and 16) are searched as
+    what llama-quantize stores for them: the cache holds ggml's bytes of the fallback type, and the
+    plan's average is in those types' bits."""
+    from paretoq.calibrate import prepare
+    from paretoq.data import load_token_sets
+    from paretoq.plan import Plan
+    from paretoq.quant.quantizer import GGMLTensor, QuantSettings
     from paretoq.search import SearchConfig, run_search
+    from paretoq.walk import open_model
 
-    with pytest.raises(ParetoqError, match="blocks are 256 wide"):
-        run_search(SearchConfig(budget=4.0, model=str(tiny_search_model_dir), trials=4, study="x",
-                                storage=f"sqlite:///{tmp_path / 'x.db'}", out=tmp_path / "out", progress=False,
-                                target="llamacpp"))
-    assert not (tmp_path / "x.db").exists() and not (tmp_path / "out").exists()
+    tokens = dict(calib_tokens=256, eval_tokens=192, seq_len=32)
+    run_search(SearchConfig(budget=6.0, model=str(tiny_search_model_dir), trials=4, round_size=4, sensitivity_tokens=32,
+                            study="x", storage=f"sqlite:///{tmp_path / 'x.db'}", out=tmp_path / "out", progress=False,
+                            target="llamacpp", **tokens))
+    sm = open_model(str(tiny_search_model_dir), max_memory="0")
+    adapter = sm.adapter
+    plan = Plan.load(tmp_path / "out" / "plan.json")
+    assert plan.quant.method == "ggml" and plan.avg_bits(adapter, over="plan") <= 6.0 + 1e-9
+    sets = load_token_sets(sm.loaded.tokenizer, "demo", **tokens)
+    cache = prepare(sm, sets.calib, {}, QuantSettings(method="ggml"), tuple(sorted(set(plan.bits.values()))),
+                    features=False, progress=False).cache
+    seen = set()
+    for c in adapter.components:
+        got = cache.get(c.key, plan.bits[c.key])
+        want = ggml.stored_type(GGML_TYPES[plan.bits[c.key]], c.shape[1])
+        assert isinstance(got, GGMLTensor) and got.ggml_type == want, c.key
+        assert got.data.shape[-1] == c.shape[1] * ggml.bits_per_weight(want) / 8
+        seen.add(want)
+    assert "f16" in seen and seen & {"q4_0", "q5_0", "q5_1", "q8_0"}, seen  # kv_b's 16-wide rows: f16

@@ -117,7 +117,9 @@ def write(ctx: Context) -> Export:
     if any(t.startswith("iq") for t in types.values()) and not imatrix:
         notes.append("i-quants (iq*) need an importance matrix: write one with `paretoq imatrix` and pass "
                      "--imatrix FILE to the export")
-    notes.append("K-quants need rows a multiple of 256 wide; llama-quantize falls back to other types otherwise")
+    notes.append("K-quants need rows a multiple of 256 wide; llama-quantize stores other rows as its fallback types "
+                 "(q2_k and q3_k as q4_0, q4_k as q5_0, q5_k as q5_1, q6_k as q8_0; f16 where 32 does not divide them)"
+                 + (", which the search priced and measured" if ctx.plan.quant.method == "ggml" else ""))
     base = BASE_FTYPE[base_width(ctx)]
     command = (f"python convert_hf_to_gguf.py {ctx.model_path} --outtype bf16 --outfile {{out}}/model-bf16.gguf\n"
                f"llama-quantize {f'--imatrix {{out}}/{imatrix} ' if imatrix else ''}--tensor-type-file {{out}}/{FILE} "

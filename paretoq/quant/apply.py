@@ -98,18 +98,19 @@ def quantize_components(
 
 
 def _ggml_components(adapter: Adapter, capture: Capture, bits: dict[str, int]) -> QuantizedComponents:
-    """llama.cpp's quantizers (`paretoq.quant.ggml`) at each key's ggml type, weighted by the
-    importance llama-quantize would read from `paretoq imatrix`: the input's mean square over the
+    """llama.cpp's quantizers (`paretoq.quant.ggml`) at each key's ggml type (where its blocks do not
+    tile a row, the type llama-quantize falls back to: `paretoq.quant.ggml.stored_type`), weighted by
+    the importance llama-quantize would read from `paretoq imatrix`: the input's mean square over the
     tokens the component saw (the Hessian's diagonal over its token count). A component below
     ``MIN_TOKENS`` gets no importance (as llama-quantize does for an expert with count 0) and is
     listed in ``rtn_fallback``. The loss is the layer's output error trace((W - Q) H (W - Q)^T): the
     sensitivity scaling uses only its ratios between widths, as it does GPTQ's."""
-    from paretoq.quant.ggml import dequantize, quantize
+    from paretoq.quant.ggml import dequantize, quantize, stored_type
 
     out = QuantizedComponents()
     for key, b in bits.items():
-        t = GGML_TYPES[b]
         W = adapter.weight(key).detach().float().cpu()
+        t = stored_type(GGML_TYPES[b], W.shape[-1])  # llama-quantize's fallback where the blocks do not tile a row
         tokens = out.tokens[key] = int(capture.tokens.get(key, 0))
         H = capture.hessians.get(capture.site.get(key, "")) if tokens >= MIN_TOKENS else None
         importance = None if H is None else (H.diagonal().float().cpu() / tokens).numpy()

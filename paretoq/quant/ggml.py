@@ -6,8 +6,9 @@ code on the same float32 rows, with the same importance weights, gives the same 
 
 A type's size is its block's: ``type_size`` bytes for ``block_size`` weights (gguf's
 ``GGML_QUANT_SIZES``), so q4_k is 144 bytes per 256 weights = 4.5 bits per weight, scales included.
-K-quants and i-quants need rows that are a multiple of 256 wide; llama-quantize falls back to
-another type for such tensors, this module refuses them (``check_width``).
+K-quants and i-quants need rows that are a multiple of 256 wide. For a tensor whose rows are not,
+llama-quantize stores another type (``stored_type``: q4_k's rows 2880 wide become q5_0), and so
+does paretoq, so that what is priced and measured is what the GGUF will hold.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ import numpy as np
 from paretoq.errors import ParetoqError
 
 # The ggml types a plan may choose (ggml.h's names, as llama-quantize's tensor-type files write them).
-TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
-         "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m")
+TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q5_1", "iq2_xxs", "iq2_xs", "iq2_s",
+         "iq3_xxs", "iq3_s", "iq4_nl", "iq4_xs", "iq1_s", "iq1_m", "f16")
+
+# What llama-quantize stores when a type's blocks do not tile a tensor's rows: its
+# tensor_type_fallback (src/llama-quant.cpp, llama.cpp as llama-cpp-python 0.3.36 vendors it).
+# A 32-block type stays; if the fallback does not tile the rows either, the tensor is stored as f16.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
+            **dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"), "iq4_nl")}
 
 
 def _qtype(name: str):
@@ -56,6 +63,14 @@ def bits_per_weight(name: str) -> float:
     return 8 * nbytes / size
 
 
+def stored_type(name: str, width: int) -> str:
+    """The type llama-quantize stores rows of ``width`` columns as when asked for ``name``."""
+    if width % block(name)[0] == 0:
+        return name
+    fallback = FALLBACK.get(name, name)
+    return fallback if width % block(fallback)[0] == 0 else "f16"
+
+
 def fitting(width: int, types=TYPES) -> list[str]:
     """Those of ``types`` whose blocks tile a row of ``width`` columns."""
     return [t for t in types if width % block(t)[0] == 0]
@@ -75,7 +90,8 @@ def requires_imatrix(name: str) -> bool:
 
 def quantize(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
     """``W`` ([rows, n] float) as ggml type ``name``: ``[rows, row bytes]`` uint8, the bytes a GGUF
-    holds. ``imatrix``: ``[n]`` importance per column (llama-quantize's mean squares), or None."""
+    holds. ``imatrix``: ``[n]`` importance per column (llama-quantize's mean squares), or None.
+    ``name`` must tile the rows (``stored_type`` gives the type that does, as llama-quantize picks it)."""
     ggml = library()
     t = int(_qtype(name))
     src = np.ascontiguousarray(W, dtype=np.float32)

@@ -43,14 +43,22 @@ class QuantSettings:
         """The widths a plan under these settings may give a component."""
         return tuple(GGML_TYPES) if self.method == "ggml" else GPTQ_WIDTHS
 
-    def budget_bits(self, bits: int) -> float:
+    def budget_bits(self, bits: int, width: int | None = None) -> float:
         """Bits per weight that ``bits`` costs in a budget: the width itself for GPTQ (scales are
-        reported apart, as effective bits), the ggml type's real bits per weight for ggml."""
+        reported apart, as effective bits); for ggml the real bits per weight of the type a tensor
+        with rows ``width`` wide is stored as (llama-quantize's fallback where the type's blocks do
+        not tile them; ``None``: the type itself)."""
         if self.method != "ggml":
             return float(bits)
         from paretoq.quant.ggml import bits_per_weight  # gguf's block sizes, imported only for ggml plans
 
-        return bits_per_weight(GGML_TYPES[bits])
+        return bits_per_weight(self.ggml_type(bits, width))
+
+    def ggml_type(self, bits: int, width: int | None = None) -> str:
+        """The ggml type a ggml plan's ``bits`` stores rows ``width`` wide as (see ``budget_bits``)."""
+        from paretoq.quant.ggml import stored_type
+
+        return GGML_TYPES[bits] if width is None else stored_type(GGML_TYPES[bits], width)
 
     def to_dict(self) -> dict:
         if self.method == "ggml":
@@ -158,19 +166,3 @@ def check_group_size(group_size: int, widths: dict[str, int]) -> None:
     else:
         fix = f"no group size in {GROUP_SIZES} divides them all; pass --group-size -1 (per channel)"
     raise ParetoqError(f"group size {group_size} does not divide the input width {named}; {fix}")
-
-
-def check_ggml_widths(bits: dict[str, int], widths: dict[str, int]) -> None:
-    """Refuse, before any work, a ggml plan with a component whose input width its type's blocks do
-    not tile (K-quants: 256; llama-quantize would silently fall back to another type)."""
-    from paretoq.quant.ggml import block, fitting
-
-    for key, b in bits.items():
-        t = GGML_TYPES[b]
-        size = block(t)[0]
-        if widths[key] % size:
-            types = fitting(widths[key], GGML_TYPES.values())
-            fits = [w for w, tt in GGML_TYPES.items() if tt in types]
-            raise ParetoqError(f"{key} has {widths[key]} input columns, which {t} (width {b}) cannot store: its "
-                               f"blocks are {size} wide; give it width {' or '.join(map(str, fits)) or '-'} "
-                               "or leave it out of the plan")
