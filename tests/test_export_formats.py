@@ -202,6 +202,18 @@ def test_llamacpp_tensor_types_resolve_every_tensor(model):
                 assert not [ty for rx, ty in rules if rx.search(d)], d
 
 
+def test_llamacpp_says_when_deepseek_would_convert_to_softmax_routing():
+    """Without "scoring_func" in config.json llama.cpp's converter writes no gating function and
+    llama.cpp routes DeepSeek-V3 with softmax, where transformers routes it with sigmoid."""
+    for scoring in (None, "sigmoid"):
+        model = tiny_model("deepseek_v3")
+        if scoring:
+            model.config.scoring_func = scoring
+        adapter = get_adapter(model)
+        notes = llamacpp.write(context("deepseek_v3", adapter, TARGETS["llamacpp"], Plan.uniform(adapter, 4))).notes
+        assert any("scoring_func" in n for n in notes) == (scoring is None), notes
+
+
 def test_llamacpp_base_ftype_follows_the_average_width(model):
     """The base ftype sets token_embd and output: the mixture of the width nearest the plan's average,
     not its most common width (most weights at 3 bits, the average above 4: Q4_K_M)."""

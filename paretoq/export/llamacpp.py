@@ -102,6 +102,13 @@ def write(ctx: Context) -> Export:
     arch = GGUF_ARCH.get(ctx.model_type)
     if arch is None:
         notes.append(f"llama.cpp's converter has no known architecture for {ctx.model_type}; check the GGUF names")
+    if ctx.model_type == "deepseek_v3" and getattr(ctx.adapter.model.config, "scoring_func", None) is None:
+        # transformers routes DeepSeek-V3 with sigmoid scores whatever the config says; the converter writes
+        # llama.cpp's gating function only from this key, and without it llama.cpp routes with softmax.
+        notes.append("config.json has no \"scoring_func\": llama.cpp's converter then writes no gating function "
+                     "and llama.cpp routes this model with softmax where transformers uses sigmoid (another model: "
+                     "on paretoq's demo it moved perplexity by 2-4%); add \"scoring_func\": \"sigmoid\" to "
+                     "config.json before converting")
     if ctx.model_type == "qwen3_moe" and any(c.kind == "dense" for c in ctx.adapter.components):
         notes.append("GGUF qwen3moe has no dense FFN tensors: a Qwen3-MoE with mlp_only_layers does not convert")
     types = ctx.options.get("ggml_types") or DEFAULT_TYPES
