@@ -14,6 +14,7 @@ from pathlib import Path
 from paretoq.cache import atomic_write_text
 from paretoq.errors import ParetoqError
 from paretoq.models import Adapter, Component
+from paretoq.quant.ggml import gguf_rows
 from paretoq.quant.pack import packed_words
 from paretoq.quant.quantizer import BITS, QuantSettings, check_group_size, group_columns
 
@@ -42,7 +43,8 @@ class Plan:
     def avg_bits(self, adapter: Adapter, over: str = "model") -> float:
         """Average bits per weight, weighted by parameter count (see ``over`` above)."""
         comps = self.components(adapter)
-        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key], c.shape[1]) for c in comps)
+        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key], gguf_rows(c, adapter.model.config))
+                        for c in comps)
         if over == "plan":
             total = sum(c.params for c in comps)
             return quantized / total if total else 0.0
@@ -53,8 +55,8 @@ class Plan:
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
         if self.quant.method == "ggml":  # the GGUF's bytes: whole blocks, scales inside
-            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key], c.shape[1]) / 8)
-                       for c in self.components(adapter))
+            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key], gguf_rows(c, adapter.model.config))
+                                 / 8) for c in self.components(adapter))
         return sum(component_bytes(c, self.bits[c.key], self.quant.group_size) for c in self.components(adapter))
 
     def effective_bits(self, adapter: Adapter, over: str = "model") -> float:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from paretoq.errors import ParetoqError
 from paretoq.quant import BITS
+from paretoq.quant.ggml import gguf_rows
 
 if TYPE_CHECKING:
     from paretoq.models import Adapter
@@ -116,8 +117,9 @@ def restrict_bits(space: SearchSpace, bits: tuple[int, ...] | None) -> SearchSpa
 
 
 def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[Group]:
-    """The space's groups of ``adapter``'s components; ``budget_bits`` ((width, row width) -> bits per
-    weight it costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at their widths."""
+    """The space's groups of ``adapter``'s components; ``budget_bits`` ((width, a component's GGUF rows)
+    -> bits per weight it costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at
+    their widths."""
     tied: dict[str, list] = {}
     for c in adapter.components:
         if c.kind not in space.bits:
@@ -135,7 +137,8 @@ def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[
         tied.setdefault(name, []).append(c)
     def costs(comps, choices) -> tuple[float, ...]:  # each choice's bits per weight over the group's parameters
         params = sum(c.params for c in comps)
-        return tuple(sum(c.params * budget_bits(b, c.shape[1]) for c in comps) / params for b in choices)
+        config = adapter.model.config
+        return tuple(sum(c.params * budget_bits(b, gguf_rows(c, config)) for c in comps) / params for b in choices)
 
     return [
         Group(name, comps[0].kind, comps[0].layer, tuple(c.key for c in comps), sum(c.params for c in comps),

@@ -230,8 +230,44 @@ def test_a_search_for_llamacpp_measures_the_fallback_types_llama_quantize_stores
     seen = set()
     for c in adapter.components:
         got = cache.get(c.key, plan.bits[c.key])
-        want = ggml.stored_type(GGML_TYPES[plan.bits[c.key]], c.shape[1])
-        assert isinstance(got, GGMLTensor) and got.ggml_type == want, c.key
-        assert got.data.shape[-1] == c.shape[1] * ggml.bits_per_weight(want) / 8
-        seen.add(want)
-    assert "f16" in seen and seen & {"q4_0", "q5_0", "q5_1", "q8_0"}, seen  # kv_b's 16-wide rows: f16
+        rows = ggml.gguf_rows(c, sm.model.config)  # kv_b_proj: attn_k_b's and attn_v_b's
+        want = [ggml.stored_type(GGML_TYPES[plan.bits[c.key]], w) for _, w in rows]
+        assert isinstance(got, GGMLTensor) and got.ggml_type == "+".join(want), c.key
+        assert got.data.numel() == sum(n * ggml.row_bytes(t, w) for (n, w), t in zip(rows, want))
+        seen.update(want)
+    assert "f16" in seen and seen & {"q4_0", "q5_0", "q5_1", "q8_0"}, seen  # kv_b's 8- and 16-wide rows: f16
+
+
+def test_deepseek_kv_b_is_quantized_and_priced_as_the_converter_splits_it():
+    """llama.cpp's converter stores kv_b_proj as attn_k_b (rows qk_nope_head_dim wide: 32 on the demo,
+    so q4_k falls back to q5_0) and attn_v_b (rows kv_lora_rank wide: 256, q4_k itself); the ggml
+    method quantizes, and prices, those two tensors, without importance (no imatrix names them)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from paretoq.models import load_model
+    from paretoq.plan import Plan
+    from paretoq.quant.apply import _ggml_components
+    from paretoq.quant.quantizer import QuantSettings
+
+    loaded = load_model("demo")
+    adapter, config = loaded.adapter, loaded.model.config
+    c = next(c for c in adapter.components if c.proj == "kv_b_proj")
+    assert ggml.gguf_rows(c, config) == [(4 * 256, 32), (4 * 64, 256)]
+    W = adapter.weight(c.key).detach().float().numpy()
+    k_b, v_b = ggml.split_kv_b(W, 4, 32)
+    ck, cv = torch.split(torch.from_numpy(W).view(4, 96, 256), [32, 64], dim=1)  # conversion/deepseek.py's split
+    np.testing.assert_array_equal(k_b, ck.transpose(1, 2).reshape(-1, 32).numpy())
+    np.testing.assert_array_equal(v_b, cv.reshape(-1, 256).numpy())
+    np.testing.assert_array_equal(ggml.merge_kv_b(k_b.reshape(4, 256, 32), v_b.reshape(4, 64, 256)), W)
+
+    q = _ggml_components(adapter, SimpleNamespace(tokens={}, hessians={}, site={}), {c.key: 4}).tensors[c.key]
+    assert q.ggml_type == "q5_0+q4_k"
+    want = np.concatenate([ggml.quantize(k_b, "q5_0").reshape(-1), ggml.quantize(v_b, "q4_k").reshape(-1)])
+    np.testing.assert_array_equal(q.data.numpy(), want)
+    back = ggml.merge_kv_b(ggml.round_trip(k_b, "q5_0").reshape(4, 256, 32), ggml.round_trip(v_b, "q4_k").reshape(4, 64, 256))
+    np.testing.assert_array_equal(q.dequantize().numpy(), back)
+    plan = Plan({c.key: 4}, quant=QuantSettings(method="ggml"))
+    assert plan.avg_bits(adapter, over="plan") == pytest.approx((1024 * 32 * 5.5 + 256 * 256 * 4.5) / W.size)
+    assert plan.size_bytes(adapter) == (1024 * 32 * 5.5 + 256 * 256 * 4.5) / 8

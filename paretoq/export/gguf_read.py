@@ -29,6 +29,7 @@ import torch
 from paretoq.errors import ParetoqError
 from paretoq.export.llamacpp import GGUF_ARCH, gguf_names
 from paretoq.models import Adapter, Component
+from paretoq.quant.ggml import merge_kv_b
 
 # GPT-OSS is left out: its converter interleaves gate/up and stores MXFP4 blocks with biases.
 READABLE = ("deepseek2", "llama", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
@@ -83,10 +84,7 @@ class GGUFWeights:
         return _tensor(w)
 
     def _kv_b(self, k_name: str, v_name: str) -> np.ndarray:
-        k_b = self._dequantize(k_name)  # [heads, kv_lora_rank, nope]
-        v_b = self._dequantize(v_name)  # [heads, v, kv_lora_rank]
-        kv = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)  # [heads, nope + v, kv_lora_rank]
-        return kv.reshape(-1, kv.shape[-1])
+        return merge_kv_b(self._dequantize(k_name), self._dequantize(v_name))
 
     def as_plan(self, adapter: Adapter) -> tuple[Callable[[str, int], torch.Tensor], dict[str, int]]:
         """``(weight_of, bits)`` in the shape an evaluator takes a plan: every component from the file

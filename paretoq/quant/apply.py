@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from paretoq.capture import Capture
@@ -105,22 +106,30 @@ def _ggml_components(adapter: Adapter, capture: Capture, bits: dict[str, int]) -
     ``MIN_TOKENS`` gets no importance (as llama-quantize does for an expert with count 0) and is
     listed in ``rtn_fallback``. The loss is the layer's output error trace((W - Q) H (W - Q)^T): the
     sensitivity scaling uses only its ratios between widths, as it does GPTQ's."""
-    from paretoq.quant.ggml import dequantize, quantize, stored_type
+    from paretoq.quant.ggml import kv_b_split, quantize, split_kv_b, stored_type
 
     out = QuantizedComponents()
+    config = adapter.model.config
     for key, b in bits.items():
         W = adapter.weight(key).detach().float().cpu()
-        t = stored_type(GGML_TYPES[b], W.shape[-1])  # llama-quantize's fallback where the blocks do not tile a row
         tokens = out.tokens[key] = int(capture.tokens.get(key, 0))
         H = capture.hessians.get(capture.site.get(key, "")) if tokens >= MIN_TOKENS else None
-        importance = None if H is None else (H.diagonal().float().cpu() / tokens).numpy()
-        data = quantize(W.numpy(), t, importance)
-        out.tensors[key] = GGMLTensor(torch.from_numpy(data), t, b)
+        split = kv_b_split(adapter.component(key), config)
+        if split is None:
+            t = stored_type(GGML_TYPES[b], W.shape[-1])  # llama-quantize's fallback where the blocks do not tile a row
+            importance = None if H is None else (H.diagonal().float().cpu() / tokens).numpy()
+            q = GGMLTensor(torch.from_numpy(quantize(W.numpy(), t, importance)), t, b)
+        else:  # as the converter stores it: attn_k_b and attn_v_b, which no imatrix entry names (so none is used)
+            parts = split_kv_b(W.numpy(), split[0], split[1])
+            types = [stored_type(GGML_TYPES[b], p.shape[1]) for p in parts]
+            data = np.concatenate([quantize(p, t).reshape(-1) for p, t in zip(parts, types)])
+            q = GGMLTensor(torch.from_numpy(data), "+".join(types), b, (*split, W.shape[1]))
+        out.tensors[key] = q
         if H is None:
             out.loss[key] = float("nan")
             out.rtn_fallback.append(key)
         else:
-            E = W - torch.from_numpy(dequantize(data, t))
+            E = W - q.dequantize()
             out.loss[key] = float(((E @ H.float().cpu()) * E).sum())
     return out
 

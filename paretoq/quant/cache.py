@@ -29,6 +29,7 @@ from paretoq.capture import Capture
 from paretoq.models import Adapter
 from paretoq.quant.apply import quantize_components
 from paretoq.quant.pack import pack, unpack
+from paretoq.quant.ggml import LAYOUT as GGML_LAYOUT
 from paretoq.quant.quantizer import BITS, GGMLTensor, QuantizedTensor, QuantSettings
 
 
@@ -47,7 +48,7 @@ def packed_entry(q, bits: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]
         if isinstance(t, GGMLTensor):  # already the bytes a GGUF holds
             tensors[f"{key}/ggml"] = t.data.contiguous().cpu()
             meta[key] = {"ggml": t.ggml_type, "loss": None if loss != loss else loss, "rtn": key in q.rtn_fallback,
-                         "tokens": q.tokens.get(key, 0)}
+                         "tokens": q.tokens.get(key, 0), **({"split": list(t.split)} if t.split else {})}
             continue
         tensors[f"{key}/codes"] = pack(t.codes.cpu(), bits)
         tensors[f"{key}/scales"] = t.scales.contiguous().cpu()
@@ -77,7 +78,9 @@ class QuantCache:
         self.capture = capture  # None: entries come from the calibration walk (``write``)
         self.settings = settings
         self.root = Path(root) if root is not None else cache_root() / "quant"
-        self._key = digest("quant", capture_key, settings.to_dict(), settings.block_size)
+        # ggml entries: also what they hold for DeepSeek's kv_b_proj (paretoq.quant.ggml.LAYOUT)
+        layout = (GGML_LAYOUT,) if settings.method == "ggml" else ()
+        self._key = digest("quant", capture_key, settings.to_dict(), settings.block_size, *layout)
         self._layers = sorted({c.layer for c in adapter.components})
         self._loaded: OrderedDict[tuple[int, int], dict[str, QuantizedTensor]] = OrderedDict()
         self.max_bytes = max_bytes
@@ -189,7 +192,7 @@ class QuantCache:
         entry = {}
         for key, m in meta.items():
             if "ggml" in m:
-                entry[key] = GGMLTensor(tensors[f"{key}/ggml"], m["ggml"], bits)
+                entry[key] = GGMLTensor(tensors[f"{key}/ggml"], m["ggml"], bits, tuple(m.get("split", ())))
                 continue
             codes = unpack(tensors[f"{key}/codes"], bits, m["in"])
             entry[key] = QuantizedTensor(codes, tensors[f"{key}/scales"], tensors[f"{key}/zeros"], bits,

@@ -71,6 +71,50 @@ def stored_type(name: str, width: int) -> str:
     return fallback if width % block(fallback)[0] == 0 else "f16"
 
 
+# What the quant cache's ggml entries hold, in its key: entries made before DeepSeek's kv_b_proj was
+# stored split (as the converter writes it) must not be read as split ones.
+LAYOUT = "kv_b split into attn_k_b and attn_v_b"
+
+
+def kv_b_split(c, config) -> tuple[int, int, int] | None:
+    """``(heads, qk_nope_head_dim, v_head_dim)`` when llama.cpp's converter stores component ``c`` as
+    two tensors: DeepSeek's ``kv_b_proj`` ``[heads x (nope + v), kv_lora_rank]`` becomes ``attn_k_b``
+    ``[heads, kv_lora_rank, nope]`` (rows ``nope`` wide: K-quants fall back on DeepSeek-V3's 128) and
+    ``attn_v_b`` ``[heads, v, kv_lora_rank]`` (conversion/deepseek.py). Else None."""
+    if c.proj != "kv_b_proj" or not hasattr(config, "qk_nope_head_dim"):
+        return None
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return heads, config.qk_nope_head_dim, config.v_head_dim
+
+
+def gguf_rows(c, config) -> list[tuple[int, int]]:
+    """The GGUF tensors component ``c`` is stored as, each as (rows, row width)."""
+    split = kv_b_split(c, config)
+    if split is None:
+        return [tuple(c.shape)]
+    heads, nope, v = split
+    return [(heads * c.shape[1], nope), (heads * v, c.shape[1])]
+
+
+def split_kv_b(W: np.ndarray, heads: int, nope: int) -> list[np.ndarray]:
+    """``kv_b_proj``'s weight as the converter's ``attn_k_b`` and ``attn_v_b``, each as 2-D rows."""
+    kv = W.reshape(heads, -1, W.shape[-1])
+    return [np.ascontiguousarray(kv[:, :nope].swapaxes(1, 2)).reshape(-1, nope),
+            np.ascontiguousarray(kv[:, nope:]).reshape(-1, W.shape[-1])]
+
+
+def merge_kv_b(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:
+    """``kv_b_proj``'s weight from ``attn_k_b`` ``[heads, kv_lora_rank, nope]`` and ``attn_v_b``
+    ``[heads, v, kv_lora_rank]``."""
+    kv = np.concatenate([k_b.swapaxes(1, 2), v_b], axis=1)
+    return kv.reshape(-1, kv.shape[-1])
+
+
+def row_bytes(name: str, width: int) -> int:
+    size, nbytes = block(name)
+    return width // size * nbytes
+
+
 def fitting(width: int, types=TYPES) -> list[str]:
     """Those of ``types`` whose blocks tile a row of ``width`` columns."""
     return [t for t in types if width % block(t)[0] == 0]

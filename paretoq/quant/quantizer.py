@@ -50,12 +50,22 @@ class GGMLTensor:
     experts may batch) of type ``ggml_type``, dequantized by gguf's own dequantizers."""
 
     data: torch.Tensor
-    ggml_type: str
+    ggml_type: str  # two types joined by "+" for a kv_b_proj stored split (``split``)
     bits: int  # the plan's width that chose the type
+    # DeepSeek's kv_b_proj as llama.cpp's converter stores it, two tensors (`paretoq.quant.ggml.kv_b_split`):
+    # (heads, nope, v, kv_lora_rank); ``data`` then holds attn_k_b's bytes, then attn_v_b's, flat.
+    split: tuple[int, ...] = ()
 
     def dequantize(self) -> torch.Tensor:
-        from paretoq.quant.ggml import dequantize
+        from paretoq.quant.ggml import dequantize, merge_kv_b, row_bytes
 
+        if self.split:
+            heads, nope, v, r = self.split
+            (tk, tv), flat = self.ggml_type.split("+"), self.data.numpy()
+            k_rows, k_bytes = heads * r, heads * r * row_bytes(tk, nope)
+            k_b = dequantize(flat[:k_bytes].reshape(k_rows, -1), tk).reshape(heads, r, nope)
+            v_b = dequantize(flat[k_bytes:].reshape(heads * v, -1), tv).reshape(heads, v, r)
+            return torch.from_numpy(merge_kv_b(k_b, v_b))
         flat = self.data.reshape(-1, self.data.shape[-1]).numpy()
         w = torch.from_numpy(dequantize(flat, self.ggml_type))
         return w.reshape(*self.data.shape[:-1], w.shape[-1])

@@ -43,22 +43,20 @@ class QuantSettings:
         """The widths a plan under these settings may give a component."""
         return tuple(GGML_TYPES) if self.method == "ggml" else GPTQ_WIDTHS
 
-    def budget_bits(self, bits: int, width: int | None = None) -> float:
+    def budget_bits(self, bits: int, rows: list[tuple[int, int]] | None = None) -> float:
         """Bits per weight that ``bits`` costs in a budget: the width itself for GPTQ (scales are
-        reported apart, as effective bits); for ggml the real bits per weight of the type a tensor
-        with rows ``width`` wide is stored as (llama-quantize's fallback where the type's blocks do
-        not tile them; ``None``: the type itself)."""
+        reported apart, as effective bits); for ggml the real bits per weight of the GGUF tensors a
+        component is stored as, ``rows`` ((rows, row width) each: `paretoq.quant.ggml.gguf_rows`),
+        each as the type llama-quantize stores for rows that wide (its fallback where the type's
+        blocks do not tile them); ``None``: the type itself."""
         if self.method != "ggml":
             return float(bits)
-        from paretoq.quant.ggml import bits_per_weight  # gguf's block sizes, imported only for ggml plans
+        from paretoq.quant.ggml import bits_per_weight, stored_type  # gguf's block sizes: only for ggml plans
 
-        return bits_per_weight(self.ggml_type(bits, width))
-
-    def ggml_type(self, bits: int, width: int | None = None) -> str:
-        """The ggml type a ggml plan's ``bits`` stores rows ``width`` wide as (see ``budget_bits``)."""
-        from paretoq.quant.ggml import stored_type
-
-        return GGML_TYPES[bits] if width is None else stored_type(GGML_TYPES[bits], width)
+        t = GGML_TYPES[bits]
+        if rows is None:
+            return bits_per_weight(t)
+        return sum(n * w * bits_per_weight(stored_type(t, w)) for n, w in rows) / sum(n * w for n, w in rows)
 
     def to_dict(self) -> dict:
         if self.method == "ggml":

@@ -6,8 +6,11 @@ PLAN_JSON: a plan from ``paretoq search --target llamacpp`` (quant method ggml);
 ``llama-quantize --imatrix I --tensor-type-file ...`` made from its export (run.py makes both), with
 ``PARETOQ_CACHE`` the cache the search filled. For every component, its rows in the GGUF tensor
 (one expert's slice of a stacked tensor) are compared byte for byte with the quant cache's entry
-at the plan's width, which is what the search evaluated. Tensors the converter splits (DeepSeek's
-``attn_kv_b`` into ``attn_k_b``/``attn_v_b``) are counted apart: their rows differ by construction.
+at the plan's width, which is what the search evaluated. A component the converter splits
+(DeepSeek's ``kv_b_proj`` into ``attn_k_b``/``attn_v_b``) is compared as the two tensors, whose
+bytes the cache entry holds one after the other. Run it with the thread count the imatrix was made
+with (run.py: ``OMP_NUM_THREADS=1``): Hessian sums differ in the last float bits between thread
+counts, and K-quants with an importance matrix can round a row differently on such a difference.
 """
 
 from __future__ import annotations
@@ -43,20 +46,25 @@ def main() -> int:
     same, differ, split = 0, [], 0
     for key, b in plan.bits.items():
         c = sm.adapter.component(key)
-        name = f"{gguf_names(c)[0]}.weight"
-        if name not in tensors:
+        names = [f"{n}.weight" for n in gguf_names(c)]
+        entry = prep.cache.get(key, b)
+        if entry.split:  # attn_k_b then attn_v_b, flat
+            parts = [tensors.get(n) for n in names[1:]]
+            got_types = "+".join(t.tensor_type.name.lower() for t in parts if t is not None)
+            got = np.concatenate([np.asarray(t.data).reshape(-1) for t in parts if t is not None])
             split += 1
-            continue
-        data = np.asarray(tensors[name].data)
-        got = data[c.expert] if c.kind == "expert" else data
-        want = prep.cache.get(key, b).data.numpy()
-        if tensors[name].tensor_type.name.lower() == prep.cache.get(key, b).ggml_type and np.array_equal(got, want):
+        else:
+            got_types = tensors[names[0]].tensor_type.name.lower()
+            data = np.asarray(tensors[names[0]].data)
+            got = data[c.expert] if c.kind == "expert" else data
+        want = entry.data.numpy()
+        if got_types == entry.ggml_type and got.shape == want.shape and np.array_equal(got, want):
             same += 1
         else:
             differ.append(key)
-    print(f"{a.gguf}: {same} of {len(plan.bits)} components equal byte for byte to what the search measured, "
-          f"{len(differ)} differ{': ' + ', '.join(differ[:5]) if differ else ''}; {split} in tensors the converter "
-          "splits (not compared)")
+    print(f"{a.gguf}: {same} of {len(plan.bits)} components equal byte for byte to what the search measured "
+          f"({split} of them split by the converter), {len(differ)} differ"
+          f"{': ' + ', '.join(differ[:5]) if differ else ''}")
     return 1 if differ else 0
 
 
