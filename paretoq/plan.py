@@ -40,11 +40,14 @@ class Plan:
         self.validate(adapter)
         return [adapter.component(k) for k in self.bits]
 
+    def _price(self, c: Component, adapter: Adapter) -> float:
+        """Bits per weight ``c`` costs at its width (ggml: as its GGUF tensors store it)."""
+        return self.quant.budget_bits(self.bits[c.key], gguf_rows(c, adapter.model.config))
+
     def avg_bits(self, adapter: Adapter, over: str = "model") -> float:
         """Average bits per weight, weighted by parameter count (see ``over`` above)."""
         comps = self.components(adapter)
-        quantized = sum(c.params * self.quant.budget_bits(self.bits[c.key], gguf_rows(c, adapter.model.config))
-                        for c in comps)
+        quantized = sum(c.params * self._price(c, adapter) for c in comps)
         if over == "plan":
             total = sum(c.params for c in comps)
             return quantized / total if total else 0.0
@@ -55,8 +58,7 @@ class Plan:
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
         if self.quant.method == "ggml":  # the GGUF's bytes: whole blocks, scales inside
-            return sum(math.ceil(c.params * self.quant.budget_bits(self.bits[c.key], gguf_rows(c, adapter.model.config))
-                                 / 8) for c in self.components(adapter))
+            return sum(math.ceil(c.params * self._price(c, adapter) / 8) for c in self.components(adapter))
         return sum(component_bytes(c, self.bits[c.key], self.quant.group_size) for c in self.components(adapter))
 
     def effective_bits(self, adapter: Adapter, over: str = "model") -> float:
