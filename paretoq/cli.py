@@ -257,7 +257,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         queued = {t.user_attrs["source"] for t in state.study.get_trials(deepcopy=False)
                   if str(t.user_attrs.get("source", "")).startswith("baseline:")}
         unverified = len(queued) - len(done)
-        left = f" ({unverified} baselines, knapsack among them, not verified)" if unverified > 0 else ""
+        left = f" ({unverified} seed heuristics not verified; the knapsack, queued first, was)" if unverified > 0 else ""
         print(f"paretoq: note: the {len(queued)} baselines take the first {len(queued)} trials and --trials "
               f"{args.trials} ended the study after {len(done)} of them{left}, so the search proper did not run; "
               f"pass --trials above {len(queued)} (e.g. {len(queued) + 40})", file=sys.stderr)
