@@ -45,6 +45,29 @@ def test_round_trip_error_falls_with_the_bits():
     assert rel["q2_k"] < 0.4 and rel["q4_k"] < 0.1 and rel["q8_0"] < 0.01, rel
 
 
+@pytest.mark.parametrize("name", ["q2_k", "q4_k", "q6_k", "q8_0", "iq4_xs"])
+def test_rows_quantized_on_threads_are_the_bytes_of_one_call(name, monkeypatch):
+    """Chunks of rows on threads write each row where one call would: 7 rows on 3 threads, with and
+    without an importance matrix (a chunk at the wrong offset would leave zeros or move rows)."""
+    W = _w(rows=7, n=256, seed=5)
+    importance = np.random.default_rng(6).lognormal(0, 1, W.shape[1]).astype(np.float32)
+    monkeypatch.setattr(ggml, "threads", lambda: 1)
+    one = [ggml.quantize(W, name, imp) for imp in (None, importance)]
+    monkeypatch.setattr(ggml, "threads", lambda: 3)
+    monkeypatch.setattr(ggml, "MIN_CHUNK_WEIGHTS", 256)
+    assert [c[1] for c in ggml.row_chunks(7, 256, 3)] == [2, 2, 3]
+    for imp, expected in zip((None, importance), one):
+        assert np.array_equal(ggml.quantize(W, name, imp), expected)
+
+
+def test_row_chunks_cover_every_row_once():
+    for rows, n, workers in ((1, 4096, 8), (5, 64, 8), (1000, 2048, 16), (3, 1 << 20, 2)):
+        chunks = ggml.row_chunks(rows, n, workers)
+        assert [first for first, _ in chunks] == [sum(c for _, c in chunks[:i]) for i in range(len(chunks))]
+        assert sum(c for _, c in chunks) == rows and all(c > 0 for _, c in chunks) and len(chunks) <= workers
+    assert len(ggml.row_chunks(5, 64, 8)) == 1  # 320 weights: not worth a thread
+
+
 @pytest.mark.parametrize("name", ["q2_k", "q3_k", "q4_k"])
 def test_an_importance_matrix_lowers_the_weighted_error(name):
     """ggml's K-quants minimise the importance-weighted error when given one: columns with large

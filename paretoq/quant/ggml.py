@@ -14,6 +14,7 @@ does paretoq, so that what is priced and measured is what the GGUF will hold.
 from __future__ import annotations
 
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numpy as np
@@ -154,10 +155,42 @@ def quantize(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.
     dst = np.zeros((rows, ggml.ggml_row_size(t, n)), dtype=np.uint8)
     ggml.ggml_quantize_init(t)  # the i-quants' grids; thread-safe, done once per type
     f32 = ctypes.POINTER(ctypes.c_float)
-    written = ggml.ggml_quantize_chunk(t, src.ctypes.data_as(f32), dst.ctypes.data_as(ctypes.c_void_p), 0, rows, n,
-                                       imat.ctypes.data_as(f32) if imat is not None else None)
+    src_p, dst_p = src.ctypes.data_as(f32), dst.ctypes.data_as(ctypes.c_void_p)
+    imat_p = imat.ctypes.data_as(f32) if imat is not None else None
+
+    def chunk(first_rows: tuple[int, int]) -> int:  # ggml writes rows [first, first + count) at their place in dst
+        first, count = first_rows
+        return ggml.ggml_quantize_chunk(t, src_p, dst_p, first * n, count, n, imat_p)
+
+    # Rows are quantized independently, so chunks of rows on threads give the same bytes (llama-quantize
+    # splits its rows the same way); ctypes releases the GIL for the call.
+    chunks = row_chunks(rows, n, threads())
+    if len(chunks) == 1:
+        written = chunk(chunks[0])
+    else:
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            written = sum(pool.map(chunk, chunks))
     assert written == dst.nbytes, (written, dst.nbytes)
     return dst
+
+
+MIN_CHUNK_WEIGHTS = 1 << 18  # below this a thread costs more than it saves
+
+
+def threads() -> int:
+    """The threads ggml's quantizers may use: torch's intra-op threads, the rest of paretoq's compute
+    (OMP_NUM_THREADS, or ``torch.set_num_threads``, sets them)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+def row_chunks(rows: int, n: int, workers: int) -> list[tuple[int, int]]:
+    """(first row, rows) per worker: at most ``workers`` chunks of near-equal rows, none smaller than
+    ``MIN_CHUNK_WEIGHTS`` weights."""
+    k = max(1, min(workers, rows * n // MIN_CHUNK_WEIGHTS, rows))
+    bounds = [rows * i // k for i in range(k + 1)]
+    return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
 def dequantize(data: np.ndarray, name: str) -> np.ndarray:
