@@ -222,15 +222,22 @@ def _open_study(name: str, storage, sampler) -> tuple[optuna.Study, bool]:
 def _enqueue_baselines(study: optuna.Study, baseline_genomes: dict[str, str], created: bool) -> None:
     """Baselines are enqueued once per study: by the worker that created it. A later run enqueues
     what is missing only when the creator never finished (no ``baselines_enqueued`` mark) and no
-    other worker is active, so workers started together never enqueue twice."""
+    other worker is active, so workers started together never enqueue twice.
+
+    One trial per distinct plan: heuristics often coincide (at real sizes with few groups, half of
+    them did), and a full streamed walk per copy would take trials from the search proper. The
+    trial is tagged with the first name; every name with that plan maps to it (`dashboard`)."""
     if not baseline_genomes or study.user_attrs.get("baselines_enqueued"):
         return
     if not created and any(t.state in (RUNNING, WAITING) for t in study.get_trials(deepcopy=False)):
         return
-    existing = {t.user_attrs.get("source") for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL}
+    alive = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+    sources = {t.user_attrs.get("source") for t in alive}
+    genomes = {t.user_attrs.get("genome") for t in alive}
     for bname, genome in baseline_genomes.items():
-        if f"baseline:{bname}" not in existing:
+        if f"baseline:{bname}" not in sources and genome not in genomes:
             study.enqueue_trial({}, user_attrs={"source": f"baseline:{bname}", "genome": genome})
+            genomes.add(genome)
     study.set_user_attr("baselines_enqueued", True)
 
 

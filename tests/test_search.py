@@ -121,3 +121,17 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_baselines_with_one_plan_share_one_trial():
+    """Heuristics that give the same plan are verified once, the knapsack first; a resume adds none."""
+    from paretoq.search import _enqueue_baselines
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    genomes = {"knapsack": "012", "uniform-2": "000", "+Attn": "012", "MoQa": "000", "MoQE": "111"}
+    _enqueue_baselines(study, genomes, created=True)
+    queued = [(t.user_attrs["source"], t.user_attrs["genome"]) for t in study.get_trials(deepcopy=False)]
+    assert queued == [("baseline:knapsack", "012"), ("baseline:uniform-2", "000"), ("baseline:MoQE", "111")]
+    study.set_user_attr("baselines_enqueued", False)  # as if its creator had died before marking it
+    _enqueue_baselines(study, genomes, created=False)
+    assert len(study.get_trials(deepcopy=False)) == 3
