@@ -2,7 +2,7 @@
 seed papers' heuristics and uniform GPTQ, on eval windows the search never selected on, over seeds.
 
     PARETOQ_CACHE=... python studies/heldout/run.py [--models demo,DIR] [--budgets 2.5,3,4] [--seeds 0,1,2]
-                                                    [--trials 100] [--out studies/heldout]
+                                                    [--trials 100] [--sensitivity auto] [--out studies/heldout]
 
 Each (model, seed) draws its own calibration and eval windows (``--seed`` of `paretoq search`), so
 the seeds vary the data as well as the search. Every number in the table is ``kl_test``: mean
@@ -29,10 +29,11 @@ HERE = Path(__file__).resolve().parent
 NOT_HEURISTICS = ("knapsack",)
 
 
-def one(model: str, budget: float, seed: int, trials: int, storage: str, out: Path) -> dict:
-    name = f"heldout-{Path(model).name}-{budget:g}-seed{seed}"
+def one(model: str, budget: float, seed: int, trials: int, storage: str, out: Path, sensitivity: str = "auto") -> dict:
+    name = f"heldout-{Path(model).name}-{budget:g}-seed{seed}" + ("" if sensitivity == "auto" else f"-{sensitivity}")
     state = run_search(SearchConfig(budget=budget, model=model, seed=seed, trials=trials, study=name,
-                                    storage=storage, out=out / "runs" / name, progress=False))
+                                    storage=storage, out=out / "runs" / name, progress=False,
+                                    sensitivity=sensitivity))
     fd = front_dict(state)
     feasible = [b for b in fd["baselines"] if b["feasible"] and b["kl_test"] is not None]
     by_name = {b["name"]: b for b in feasible}
@@ -42,7 +43,8 @@ def one(model: str, budget: float, seed: int, trials: int, storage: str, out: Pa
     uni = max(uniforms, key=lambda b: b["avg_bits"], default=None)
     c = claims(fd)
     m = state.plan.metrics if state.plan is not None else {}
-    return {"model": model, "budget": budget, "seed": seed, "trials": trials,
+    return {"model": model, "budget": budget, "seed": seed, "trials": trials, "sensitivity": sensitivity,
+            "sensitivity_evaluations": state.evaluations.get("sensitivity"),
             "plan": {"avg_bits": m.get("avg_bits"), "kl": m.get("kl"), "kl_test": m.get("kl_test"),
                      "source": m.get("source")},
             "best_search_trial": c["best"],
@@ -87,6 +89,7 @@ def main() -> int:
     p.add_argument("--budgets", default="2.5,3,4")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--trials", type=int, default=100)  # paretoq search's default
+    p.add_argument("--sensitivity", default="auto", help="paretoq search's --sensitivity (auto, lowest, unit, group)")
     p.add_argument("--out", default=str(HERE))
     a = p.parse_args()
     out = Path(a.out)
@@ -96,7 +99,7 @@ def main() -> int:
     for model in a.models.split(","):
         for seed in map(int, a.seeds.split(",")):
             for budget in map(float, a.budgets.split(",")):
-                rows.append(one(model, budget, seed, a.trials, storage, out))
+                rows.append(one(model, budget, seed, a.trials, storage, out, a.sensitivity))
                 print(json.dumps(rows[-1]), flush=True)
                 atomic_write_text(out / "result.json", json.dumps(rows, indent=1) + "\n")
     lines = table(rows)
