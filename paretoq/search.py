@@ -68,6 +68,8 @@ from paretoq.walk import StreamedModel, open_model
 MODES = ("surrogate", "local", "nsga2", "random")  # local: trust-region exchanges ranked by the sensitivities alone
 SURROGATE_SHARE = 0.7  # of each round; the rest is NSGA-II's children of the verified plans
 MAX_CONSECUTIVE_FAILURES = 10  # failed trials in a row before the search gives up
+# How long a worker that joins a new study waits for its creator to enqueue the baselines.
+BASELINE_WAIT_SECONDS = 30.0
 TEST_FRACTION = 1 / 3  # the last third of the eval windows is held out: never used to select
 COMPLETE, RUNNING, WAITING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
                               optuna.trial.TrialState.WAITING)
@@ -229,8 +231,13 @@ def _enqueue_baselines(study: optuna.Study, baseline_genomes: dict[str, str], cr
     trial is tagged with the first name; every name with that plan maps to it (`dashboard`)."""
     if not baseline_genomes or study.user_attrs.get("baselines_enqueued"):
         return
-    if not created and any(t.state in (RUNNING, WAITING) for t in study.get_trials(deepcopy=False)):
-        return
+    if not created:  # its creator enqueues right after creating it: wait for the mark, then only if it died
+        deadline = time.time() + BASELINE_WAIT_SECONDS
+        while time.time() < deadline and not study.user_attrs.get("baselines_enqueued"):  # read from the storage
+            time.sleep(0.5)
+        if study.user_attrs.get("baselines_enqueued") or any(
+                t.state in (RUNNING, WAITING) for t in study.get_trials(deepcopy=False)):
+            return
     alive = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
     sources = {t.user_attrs.get("source") for t in alive}
     genomes = {t.user_attrs.get("genome") for t in alive}
@@ -492,6 +499,11 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
             # one steps back in the queue.
             _give_back(study, me)
             raise optuna.TrialPruned("a retried plan goes first")
+        if str(me.user_attrs.get("source", "")).startswith("baseline:") and "failed_trial" not in me.system_attrs and any(
+                t.number < me.number and t.user_attrs.get("genome") == me.user_attrs.get("genome") for t in trials):
+            # Workers started together can each find the study without baselines and enqueue them
+            # (`_enqueue_baselines`): the plan is verified once, by the copy queued first.
+            raise optuna.TrialPruned("an earlier trial verifies this baseline's plan")
         trial.set_user_attr("worker", worker)  # which process verifies it, for whoever inspects the study
         text = trial.user_attrs.get("genome")
         if text is None:  # nothing queued for this worker (random mode, or another worker took it): a random plan

@@ -123,9 +123,12 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_baselines_with_one_plan_share_one_trial():
+def test_baselines_with_one_plan_share_one_trial(monkeypatch):
     """Heuristics that give the same plan are verified once, the knapsack first; a resume adds none."""
+    from paretoq import search
     from paretoq.search import _enqueue_baselines
+
+    monkeypatch.setattr(search, "BASELINE_WAIT_SECONDS", 0.0)
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     genomes = {"knapsack": "012", "uniform-2": "000", "+Attn": "012", "MoQa": "000", "MoQE": "111"}
