@@ -338,8 +338,11 @@ def test_sigterm_then_damaged_caches_then_too_few_trials(ws, tmp_path):
     assert code == 0, err
     import optuna
 
-    states = [t.state.name for t in optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path}/s.db").trials]
+    trials = optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path}/s.db").trials
+    states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == kept + 1 and "RUNNING" not in states, states
+    # fewer trials than baselines still verify the knapsack: it is queued first
+    assert trials[0].user_attrs["source"] == "baseline:knapsack" and states[0] == "COMPLETE"
     warnings = [line for line in err.splitlines() if "cache entry" in line]
     assert len(warnings) == len(entries) and all("is damaged (checksum mismatch); recomputing it" in w
                                                  for w in warnings), err
@@ -349,6 +352,7 @@ def test_sigterm_then_damaged_caches_then_too_few_trials(ws, tmp_path):
         read_checked_json(p)  # rewritten whole
     note = [line for line in err.splitlines() if "baselines take" in line]
     assert len(note) == 1 and "the search proper did not run" in note[0] and "--trials above" in note[0], err
+    assert "not verified" not in note[0] or "the knapsack, queued first, was" in note[0], note[0]
     assert "Traceback" not in err
 
 
