@@ -97,3 +97,16 @@ def test_moe_align_sorts_and_pads_by_expert(block_m):
             assert rows.numel() == 0
         else:
             assert rows.numel() > 0 and (flat[rows] == e).all()  # one expert per block
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_split_k_in_both_stages(tokens):
+    """Both stages with K split over programs (the decode configuration): the same layer output,
+    biases added once."""
+    q, b, packed = layer(bias=True)
+    x, ids, w = torch.randn(tokens, H).half(), IDS[:tokens], torch.rand(tokens, 2)
+    split = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
+    configs = {(stage, bits): split for stage in ("up", "down") for bits in (2, 3, 4, 8)}
+    y = fused_moe(x.to(DEVICE), ids.to(DEVICE), w.to(DEVICE), packed.to(DEVICE), configs=configs).cpu()
+    assert y.dtype == torch.float16
+    assert rel(y, fused_moe_reference(x, ids, w, packed)) < 3e-3

@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 
 from paretoq.kernels.layout import pack_weight
-from paretoq.kernels.qmm import block_k_for, qmm, qmm_reference
+from paretoq.kernels.qmm import block_k_for, k_splits, qmm, qmm_reference
 from paretoq.quant.quantizer import rtn
 
 # (M, N, K, group_size): M = 1 (GEMV path), skinny, prefill-like; K not a multiple of the block
@@ -75,3 +75,32 @@ def test_block_k_stays_inside_a_group():
     assert block_k_for(100, 100, 64) == 64  # one group per row
     with pytest.raises(ValueError, match="multiple of 32"):
         block_k_for(48, 96, 64)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("splits", [2, 3, 64])
+def test_split_k_adds_the_same_sum(M, splits):
+    """K split over programs (an uneven split, and more splits than K tiles): the partial sums,
+    added atomically in fp32, give the unsplit answer; the bias is added once."""
+    torch.manual_seed(splits)
+    q = rtn(torch.randn(40, 320), 4, 32)  # 10 K tiles of 32
+    x, bias = torch.randn(M, 320).half(), torch.randn(40)
+    pw = pack_weight(q)
+    config = {"BLOCK_M": 1 if M == 1 else 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": splits}
+    y = qmm(x.to(DEVICE), pw.to(DEVICE), bias.to(DEVICE), config=config).cpu()
+    # 3 splits of 10 tiles: 4 + 4 + 2 tiles; 64 splits: one tile each
+    assert k_splits(config, 32, 320) == {2: (2, 160), 3: (3, 128), 64: (10, 32)}[splits]
+    assert y.dtype == torch.float16
+    assert rel(y, qmm_reference(x, pw, bias)) < 2e-3
+    assert rel(y, oracle(x, q, bias)) < 2e-3
+
+
+def test_decode_splits_fill_the_gpu_without_splitting_below_four_tiles():
+    from paretoq.kernels.configs import decode_splits
+
+    assert decode_splits(4096, 14336, 16, 1, 132) == 4  # 256 row tiles: 1,024 programs
+    assert decode_splits(14336, 4096, 16, 1, 132) == 1  # 896 row tiles already fill 132 SMs
+    assert decode_splits(64, 1024, 16, 1, 132) == 2  # 4 row tiles, but never under 512 columns a split
+    for n, k, m in ((4096, 14336, 2), (768, 2048, 8), (7168, 2048, 1)):
+        s = decode_splits(n, k, 16, m, 132)
+        assert s >= 1 and (s == 1 or k // s >= 512) and m * -(-n // 16) * s <= 8 * 132

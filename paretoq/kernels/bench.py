@@ -195,6 +195,18 @@ def bench_decode(checkpoint: str, tokens: int = 64) -> list[Row]:
     return rows
 
 
+def tune_grid(M: int, K: int) -> list[dict]:
+    """Launch configs worth timing at M rows: 6-18 per M (the first H200 run's 180-config grid per
+    (bits, M) ran past its step limit). BLOCK_K 128 is the group size; 3 stages and 2-4 warps were
+    the sweeps' winners (docs/benchmarks.md); decode also tries splitting K."""
+    if M == 1:
+        return [{"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "num_warps": w, "num_stages": 3, "SPLIT_K": sk}
+                for bn in (8, 16, 32) for w in (2, 4) for sk in (1, 4, 16) if K // sk >= 512]
+    bms = [16] if M <= 16 else [32, 64] if M <= 64 else [64, 128]
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128 if bm < 64 else 64, "num_warps": w, "num_stages": 3}
+            for bm in bms for bn in (32, 64, 128) for w in (4, 8)]
+
+
 def tune_qmm(N: int, K: int, ms: list[int]) -> dict:
     """Try a grid of launch configs per (bits, M) and keep the fastest (saved by `run_bench`)."""
     from paretoq.kernels.configs import key
@@ -205,21 +217,14 @@ def tune_qmm(N: int, K: int, ms: list[int]) -> dict:
         w = random_packed(N, K, bits)
         for M in ms:
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            bms = [1] if M == 1 else [16] if M <= 16 else [32, 64] if M <= 64 else [64, 128]
             best = None
-            for bm in bms:
-                for bn in (8, 16, 32, 64, 128):
-                    for bk in (32, 64, 128):
-                        for warps in (2, 4, 8):
-                            for stages in (2, 3, 4, 5):
-                                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps,
-                                       "num_stages": stages}
-                                try:
-                                    us = _bench(lambda: qmm(x, w, config=cfg))
-                                except Exception:  # out of shared memory or registers
-                                    continue
-                                if best is None or us < best[0]:
-                                    best = (us, cfg)
+            for cfg in tune_grid(M, K):
+                try:
+                    us = _bench(lambda: qmm(x, w, config=cfg))
+                except Exception:  # out of shared memory or registers
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, cfg)
             if best:
                 found[key("qmm", bits, M, N, K)] = best[1]
     return found

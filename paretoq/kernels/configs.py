@@ -6,8 +6,8 @@ order of lookup for a (kernel, bits, M bucket, N, K) key is:
 1. ``$PARETOQ_CACHE/kernels/<device>.json``, written by ``paretoq bench --tune`` on the user's GPU;
 2. ``paretoq/kernels/tuned.json``, shipped with paretoq, one table per device name (H100, H200);
 3. the heuristic below, which follows the kernel's design: M = 1 streams few rows per program
-   with the broadcast-and-sum path so that even the 4096-row down projection launches hundreds of
-   programs; M = 2..16 pads to one 16-row tensor-core tile (same bytes, so M = 16 costs about what
+   with the broadcast-and-sum path and splits K until the launch fills the GPU (`decode_splits`);
+   M = 2..16 pads to one 16-row tensor-core tile (same bytes, so M = 16 costs about what
    M = 1 does); prefill uses square-ish tiles.
 
 Triton's own cache keeps the compiled binaries (``~/.triton``), so a second process starts warm too.
@@ -39,11 +39,30 @@ def key(kernel: str, bits: int, M: int, N: int, K: int) -> str:
     return f"{kernel}/b{bits}/m{m_bucket(M)}/n{N}/k{K}"
 
 
-def heuristic(M: int, N: int, K: int) -> dict:
+def decode_splits(N: int, K: int, block_n: int, matrices: int, sms: int) -> int:
+    """K splits for a decode launch: enough programs to fill the GPU, each split at least 4 K tiles.
+
+    Measured on an H200 (docs/benchmarks.md, 2026-12-04): at M = 1 a program streams its rows'
+    tiles one after another, so a launch of a few hundred programs leaves the SMs waiting on memory;
+    the 4096-row down projection (256 row tiles) ran 1.8-2.1x faster split 4-16 ways, the
+    14336-row up projection (896 row tiles) gained little. Rule: double the splits while the row
+    tiles of all ``matrices`` read fill fewer than 8 programs per SM.
+    """
+    programs = matrices * -(-N // block_n)
+    splits = 1
+    while programs * splits * 2 <= 8 * sms and K // (splits * 2) >= 4 * 128:
+        splits *= 2
+    return splits
+
+
+def heuristic(M: int, N: int, K: int, matrices: int = 1, sms: int = 132) -> dict:
+    """``matrices``: weight matrices one launch reads (a MoE stage at decode: top-k x slots);
+    ``sms``: the GPU's multiprocessors."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: few, large programs run fastest
         return {"BLOCK_M": 1 if M == 1 else 16, "BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
-    if M == 1:
-        return {"BLOCK_M": 1, "BLOCK_N": 16 if N <= 8192 else 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+    if M == 1:  # 2 warps beat 4 and 8 at every decode shape measured on the H200
+        return {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 2, "num_stages": 3,
+                "SPLIT_K": decode_splits(N, K, 16, matrices, sms)}
     if M <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
     if M <= 64:
@@ -75,19 +94,27 @@ def _tables(name: str) -> dict:
     return table
 
 
-def lookup(kernel: str, bits: int, M: int, N: int, K: int, device) -> dict:
+@lru_cache(maxsize=None)
+def _sms(name: str, device) -> int:
+    if name == "cpu" or not torch.cuda.is_available():  # CPU, or configs looked up without a GPU
+        return 132  # an H100's / H200's count; only the split heuristic reads it
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def lookup(kernel: str, bits: int, M: int, N: int, K: int, device, matrices: int = 1) -> dict:
     name = device_name(device)
     found = _tables(name).get(key(kernel, bits, M, N, K)) if name != "cpu" else None
-    return dict(found) if found else heuristic(M, N, K)
+    return dict(found) if found else heuristic(M, N, K, matrices, _sms(name, device))
 
 
 def qmm_config(M: int, N: int, K: int, bits: int, device) -> dict:
     return lookup("qmm", bits, M, N, K, device)
 
 
-def moe_config(kernel: str, M: int, N: int, K: int, bits: int, device) -> dict:
-    """``kernel`` is ``moe_up`` or ``moe_down``; M is the number of tokens (before top-k)."""
-    return lookup(kernel, bits, M, N, K, device)
+def moe_config(kernel: str, M: int, N: int, K: int, bits: int, device, matrices: int = 1) -> dict:
+    """``kernel`` is ``moe_up`` or ``moe_down``; M is the number of tokens (before top-k);
+    ``matrices`` the expert matrices the launch reads at most (tokens x top-k x slots)."""
+    return lookup(kernel, bits, M, N, K, device, matrices)
 
 
 def save_user_table(name: str, entries: dict) -> Path:

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from paretoq.kernels.layout import PackedWeight, dequantize, stack
-from paretoq.kernels.qmm import ACT_NONE, ACT_SILU_MUL, MOE_DOWN, MOE_UP, launch
+from paretoq.kernels.qmm import ACT_NONE, ACT_SILU_MUL, MOE_DOWN, MOE_UP, k_splits, launch
 
 
 @dataclass
@@ -130,24 +130,30 @@ def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tenso
     S, E, I, H = T * top_k, experts.num_experts, experts.intermediate, experts.hidden
     x = x.contiguous()
     configs = configs or {}
-    up_cfg = {b: configs.get(("up", b)) or moe_config("moe_up", T, I, H, b, x.device) for b in experts.up}
-    down_cfg = {b: configs.get(("down", b)) or moe_config("moe_down", T, H, I, b, x.device) for b in experts.down}
+    up_cfg = {b: configs.get(("up", b)) or moe_config("moe_up", T, I, H, b, x.device, S * experts.num_slots)
+              for b in experts.up}
+    down_cfg = {b: configs.get(("down", b)) or moe_config("moe_down", T, H, I, b, x.device, S)
+                for b in experts.down}
     # One BLOCK_M for the layer: the sorted layout is shared by every launch.
     bm = max(c["BLOCK_M"] for c in (*up_cfg.values(), *down_cfg.values()))
     sorted_ids, block_expert = moe_align(topk_ids, E, bm)
     blocks = block_expert.numel()
     route_w = topk_weights.reshape(-1).float().contiguous()
 
-    h = torch.empty(sorted_ids.numel(), experts.num_slots * I, dtype=x.dtype, device=x.device)
+    split = any(k_splits(up_cfg[b], w.group_size, H)[0] > 1 for b, w in experts.up.items())
+    # split K adds partial sums into zeroed fp32 rows (kernels/qmm.py `k_splits`)
+    h = torch.zeros(sorted_ids.numel(), experts.num_slots * I, dtype=torch.float32, device=x.device) if split \
+        else torch.empty(sorted_ids.numel(), experts.num_slots * I, dtype=x.dtype, device=x.device)
     for b, w in experts.up.items():
         launch(x, w, h, M=S, grid_m=blocks * experts.num_slots, mode=MOE_UP, bias=experts.up_bias,
                sorted_ids=sorted_ids, block_expert=block_expert, slots=experts.up_slots[b], num_experts=E,
                top_k=top_k, num_slots=experts.num_slots, config={**up_cfg[b], "BLOCK_M": bm})
+    h = h.to(x.dtype)
     if apply_gate is None:
         a, act = h, ACT_SILU_MUL
     else:
         a, act = apply_gate(h).contiguous(), ACT_NONE
-    y = torch.empty(S, H, dtype=torch.float32, device=x.device)
+    y = torch.zeros(S, H, dtype=torch.float32, device=x.device)
     for b, w in experts.down.items():
         launch(a, w, y, M=S, grid_m=blocks, mode=MOE_DOWN, act=act, bias=experts.down_bias, sorted_ids=sorted_ids,
                block_expert=block_expert, slots=experts.down_slots[b], route_w=route_w, num_experts=E,

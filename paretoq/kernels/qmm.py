@@ -34,7 +34,8 @@ ACT_NONE, ACT_SILU_MUL = 0, 1
 # kernel (NameError at compile time), while its interpreter accepts one, so CPU runs never see it.
 _DENSE, _MOE_UP, _MOE_DOWN, _ACT_SILU_MUL = (tl.constexpr(v) for v in (DENSE, MOE_UP, MOE_DOWN, ACT_SILU_MUL))
 # Triton 3.9's interpreter computes bf16 `tl.dot` and int->bf16 casts wrongly (off by orders of
-# magnitude, measured): under it the dot runs in fp32. Compiled kernels keep the native dot.
+# magnitude, measured): under it the dot runs in fp32. Compiled kernels keep the native dot for
+# fp16/bf16 activations; fp32 activations take the fp32 dot at full precision (not TF32).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -62,13 +63,14 @@ def _qmm_kernel(
     sorted_ptr, block_expert_ptr, slot_ptr, route_w_ptr,
     M, N, K, G, group_size, row_words, plane0_words,
     stride_am, stride_om, stride_wc, stride_sc,
-    num_experts, top_k,
+    num_experts, top_k, k_per_split,
     BITS: tl.constexpr, MODE: tl.constexpr, ACT: tl.constexpr, NUM_SLOTS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr, ATOMIC_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # which K range of k_per_split columns (a multiple of BLOCK_K) this program sums
 
     # -- which weight matrix and which rows --------------------------------------------------------
     comp = pid_m * 0  # index of the weight matrix in this width's stacked buffer (a tensor in every mode)
@@ -113,7 +115,8 @@ def _qmm_kernel(
     a_rows_ptr = a_ptr + a_rows.to(tl.int64) * stride_am
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_end = tl.minimum(K, (pid_k + 1) * k_per_split)
+    for k0 in range(pid_k * k_per_split, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a_mask = m_mask[:, None] & (offs_k[None, :] < K)
         if ACT == _ACT_SILU_MUL:
@@ -136,7 +139,8 @@ def _qmm_kernel(
         s = tl.load(s_rows + g, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_rows + g, mask=n_mask, other=0.0).to(tl.float32)
         if USE_DOT and DOT_FP32:
-            p = tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)))
+            # "ieee": compiled Triton's fp32 dot defaults to TF32 (10-bit mantissa), 1e-3 off on a GPU
+            p = tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
         elif USE_DOT:
             # Codes < 256 are exact in fp16 and bf16, so the tensor cores see the integers themselves.
             p = tl.dot(a, tl.trans(q.to(a.dtype)))
@@ -146,12 +150,15 @@ def _qmm_kernel(
         a_sum = tl.sum(a.to(tl.float32), axis=1)
         acc += (p - a_sum[:, None] * z[None, :]) * s[None, :]
 
-    if HAS_BIAS:
+    if HAS_BIAS and pid_k == 0:  # split K: the first split adds the bias
         acc += tl.load(bias_ptr + expert_slot * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if MODE == _MOE_DOWN:  # routing weight of each (token, k) assignment, before the sum over k
         acc *= tl.load(route_w_ptr + o_rows, mask=m_mask, other=0.0).to(tl.float32)[:, None]
     o_ptrs = out_ptr + o_rows.to(tl.int64)[:, None] * stride_om + out_col0 + offs_n[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if ATOMIC_OUT:  # split K: the splits' partial sums meet in a zeroed fp32 output
+        tl.atomic_add(o_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :], sem="relaxed")
+    else:
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def block_k_for(group_size: int, in_features: int, block_k: int) -> int:
@@ -167,6 +174,19 @@ def block_k_for(group_size: int, in_features: int, block_k: int) -> int:
     return bk
 
 
+def k_splits(config: dict, group_size: int, in_features: int) -> tuple[int, int]:
+    """(splits, columns per split) for ``config["SPLIT_K"]``: each split a whole number of K tiles.
+
+    Splitting K multiplies the programs of a skinny product (decode reads a few thousand weight
+    rows: too few row tiles to keep every SM's loads in flight); the splits' partial sums are added
+    atomically into a zeroed fp32 output, so ``splits > 1`` needs one.
+    """
+    bk = block_k_for(group_size, in_features, config["BLOCK_K"])
+    tiles = triton.cdiv(in_features, bk)
+    per = triton.cdiv(tiles, max(1, min(config.get("SPLIT_K", 1), tiles))) * bk
+    return triton.cdiv(in_features, per), per
+
+
 def launch(a: torch.Tensor, w: PackedWeight, out: torch.Tensor, *, M: int, grid_m: int, mode: int = DENSE,
            act: int = ACT_NONE, bias: torch.Tensor | None = None, sorted_ids=None, block_expert=None, slots=None,
            route_w=None, num_experts: int = 0, top_k: int = 1, num_slots: int = 1, config: dict) -> None:
@@ -175,9 +195,12 @@ def launch(a: torch.Tensor, w: PackedWeight, out: torch.Tensor, *, M: int, grid_
     G = w.scales.shape[-1]
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     bk = block_k_for(w.group_size, K, config["BLOCK_K"])
+    splits, per_split = k_splits(config, w.group_size, K)
+    if splits > 1 and out.dtype != torch.float32:
+        raise ValueError("split-K launches add into a zeroed fp32 output")
     stacked = w.qweight.dim() == 3
     dummy = out  # pointer arguments a mode does not read
-    grid = (grid_m, triton.cdiv(N, bn))
+    grid = (grid_m, triton.cdiv(N, bn), splits)
     _qmm_kernel[grid](
         a, w.qweight, w.scales, w.zeros, bias if bias is not None else dummy, out,
         sorted_ids if sorted_ids is not None else dummy, block_expert if block_expert is not None else dummy,
@@ -185,9 +208,9 @@ def launch(a: torch.Tensor, w: PackedWeight, out: torch.Tensor, *, M: int, grid_
         M, N, K, G, w.group_size, w.qweight.shape[-1], plane_words(K, 2) if w.bits == 3 else 0,
         a.stride(0), out.stride(0),
         w.qweight[0].numel() if stacked else 0, w.scales[0].numel() if stacked else 0,
-        num_experts, top_k,
+        num_experts, top_k, per_split,
         BITS=w.bits, MODE=mode, ACT=act, NUM_SLOTS=num_slots, HAS_BIAS=bias is not None,
-        USE_DOT=bm >= 16, DOT_FP32=INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        USE_DOT=bm >= 16, DOT_FP32=INTERPRET or a.dtype == torch.float32, ATOMIC_OUT=splits > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )
 
@@ -198,10 +221,13 @@ def qmm(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, conf
 
     M = x.shape[0]
     x = x.contiguous()
-    out = torch.empty(M, w.out_features, dtype=x.dtype, device=x.device)
     config = config or qmm_config(M, w.out_features, w.in_features, w.bits, x.device)
+    if k_splits(config, w.group_size, w.in_features)[0] > 1:
+        out = torch.zeros(M, w.out_features, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(M, w.out_features, dtype=x.dtype, device=x.device)
     launch(x, w, out, M=M, grid_m=triton.cdiv(M, config["BLOCK_M"]), bias=bias, config=config)
-    return out
+    return out.to(x.dtype)
 
 
 def qmm_reference(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
