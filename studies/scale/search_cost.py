@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,6 +39,8 @@ EXPERTS, ATTN = 128, 4  # per layer, as Qwen3-30B-A3B
 
 class _Adapter:
     """What the search's plan arithmetic needs of an adapter: components by key."""
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type=None))  # a plan checks the model type it is for
 
     def __init__(self, components):
         self.components = components
