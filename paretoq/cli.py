@@ -217,6 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lm_eval=[t for t in (args.lm_eval or "").split(",") if t], lm_eval_limit=args.lm_eval_limit,
         device=args.device, dtype=args.dtype, max_memory=args.max_memory, use_cache=not args.no_cache,
         trust_remote_code=args.trust_remote_code, quant=quant_flags(args), progress=not (args.json or args.quiet),
+        gguf_activations=args.gguf_activations,
     )
     if args.json:
         rows = [p.to_dict() for p in report.plans]
@@ -478,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", nargs="+", metavar="FILE",
                    help="also evaluate GGUF files converted from --model (llama.cpp's or anyone's), dequantized "
                         "with gguf's own code")
+    p.add_argument("--gguf-activations", choices=("ggml", "exact"), default="ggml",
+                   help="ggml (default): round each quantized product's input to 8 bits per block as llama.cpp "
+                        "does (q8_K for K-quants, q8_0 for legacy types), so a GGUF is scored as llama.cpp computes "
+                        "it; exact: the dequantized weights with float activations")
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="comma-separated lm-eval tasks run in-process and offline; 'demo' = the demo's two local tasks")
     p.add_argument("--lm-eval-limit", type=integer(1), help="evaluate only the first N documents of each task")

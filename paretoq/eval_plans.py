@@ -70,6 +70,9 @@ def check_tasks(tasks: list) -> None:
                            f"lists, or 'demo'")
 
 
+GGUF_ACTIVATIONS = ("ggml", "exact")
+
+
 def eval_plans(
     plans: list[str | Path] = (),
     uniform: list[int] = (),
@@ -89,11 +92,16 @@ def eval_plans(
     progress: bool = True,
     trust_remote_code: bool = False,
     quant: dict | None = None,
+    gguf_activations: str = "ggml",
 ) -> EvalReport:
     """Evaluate plan files, uniform widths and GGUF files on the model's eval tokens (and lm-eval
     tasks). ``quant``: quantizer settings (``QuantSettings`` field -> value) over each plan's own.
     A GGUF's components, token embedding and output matrix are dequantized into the model
-    (`paretoq.export.gguf_read`); its bits are what the file stores per weight."""
+    (`paretoq.export.gguf_read`); its bits are what the file stores per weight. ``gguf_activations``:
+    ``"ggml"`` rounds each quantized product's input as llama.cpp does (8-bit, per block;
+    `paretoq.export.ggml_activations`), ``"exact"`` measures the dequantized weights alone."""
+    if gguf_activations not in GGUF_ACTIVATIONS:
+        raise ParetoqError(f"--gguf-activations must be one of {', '.join(GGUF_ACTIVATIONS)}, not {gguf_activations!r}")
     named = [(str(p), Plan.load(p)) for p in plans]
     for _, plan in named:
         plan.quant = settings_for(quant or {}, base=plan.quant)
@@ -144,7 +152,8 @@ def eval_plans(
     for name, g in ggufs:
         weight_of, bits = g.as_plan(sm.adapter)
         with outside_weights(sm.model, g.outside()):
-            result = StreamedEvaluator(sm, weight_of, parts, references).evaluate(bits, "eval")
+            rounding = g.input_rounding() if gguf_activations == "ggml" else None
+            result = StreamedEvaluator(sm, weight_of, parts, references, input_rounding=rounding).evaluate(bits, "eval")
             scores = {}
             if tasks:
                 with Assembler(sm.adapter, weight_of).apply(bits):

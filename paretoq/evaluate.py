@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,9 +229,12 @@ class StreamedEvaluator:
     """
 
     def __init__(self, sm, weight_of, parts: dict[str, TokenSet], references: dict[str, Reference],
-                 batch_size: int = DEFAULT_BATCH_SIZE):
+                 batch_size: int = DEFAULT_BATCH_SIZE, input_rounding: dict | None = None):
         self.sm, self.weight_of, self.parts, self._refs = sm, weight_of, parts, dict(references)
         self.batch_size = batch_size
+        # component key (or "lm_head") -> how an engine rounds that product's input
+        # (`paretoq.export.ggml_activations`): a GGUF scored as llama.cpp computes it
+        self.input_rounding = input_rounding or {}
         self.evaluations = 0
         self.layers_run = 0  # decoder-layer passes over a part, for cost accounting
         self._prefix: dict[str, tuple[list[tuple], list[list[torch.Tensor]]]] = {}
@@ -250,6 +253,17 @@ class StreamedEvaluator:
         finally:
             for key, W in saved.items():
                 adapter.set_weight(key, W)
+
+    def _rounded(self, keys) -> AbstractContextManager:
+        """The engine's input rounding for the products of ``keys`` (and "lm_head"), if any."""
+        if not self.input_rounding:
+            return nullcontext()
+        from paretoq.export.ggml_activations import rounded_linear_inputs
+
+        a = self.sm.adapter
+        weights = [(self.sm.model.get_output_embeddings().weight if k == "lm_head" else a.weight(k), r)
+                   for k in keys if (r := self.input_rounding.get(k)) is not None]
+        return rounded_linear_inputs(weights)
 
     @torch.no_grad()
     def evaluate(self, bits: dict[str, int], part: str) -> EvalResult:
@@ -271,15 +285,16 @@ class StreamedEvaluator:
             inputs = [sm.embed(ids, bs)]
         h = inputs[start]
         for i in range(start, n):
-            with sm.layer(i) as layer, self._swapped(by_layer.get(i, {})):
+            with sm.layer(i) as layer, self._swapped(by_layer.get(i, {})), self._rounded(by_layer.get(i, {})):
                 h = [sm.run(i, layer, x, shape) for x, shape in zip(h, shapes)]
             inputs.append(h)
             self.layers_run += 1
         self._prefix[part] = (sigs, inputs)
         batches = []
-        for j, x in enumerate(h):
-            rows = slice(j * bs, j * bs + shapes[j][0])
-            batches.append(_metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))
+        with self._rounded(["lm_head"]):
+            for j, x in enumerate(h):
+                rows = slice(j * bs, j * bs + shapes[j][0])
+                batches.append(_metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))
         self.evaluations += 1
         return _result(ref, batches)
 

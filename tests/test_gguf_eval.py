@@ -10,6 +10,7 @@ from conftest import save_tiny_with_demo_tokenizer
 from paretoq.errors import ParetoqError
 from paretoq.eval_plans import eval_plans, outside_weights
 from paretoq.evaluate import StreamedEvaluator
+from paretoq.export.ggml_activations import Q8_0, rounded_linear_inputs
 from paretoq.export.llamacpp import GGUF_ARCH, gguf_names
 from paretoq.walk import open_model
 
@@ -83,7 +84,7 @@ def test_a_gguf_reads_back_into_the_model_it_came_from(tmp_path, monkeypatch, mo
     assert exact.avg_bits == 32.0
 
     back = _write(tmp_path / "q8.gguf", arch, layout, "Q8_0")
-    got = eval_plans(gguf=[tmp_path / "q8.gguf"], model=str(path), **DATA)
+    got = eval_plans(gguf=[tmp_path / "q8.gguf"], model=str(path), gguf_activations="exact", **DATA)
     q8 = got.plans[0]
     # The same weights put in by hand, from the converter-side arrays (no GGUF reading involved).
     by_key = {}
@@ -112,6 +113,46 @@ def test_a_gguf_reads_back_into_the_model_it_came_from(tmp_path, monkeypatch, mo
     assert want.kl > 0 and q8.result.kl == pytest.approx(want.kl, rel=1e-6)
     assert q8.result.ppl == pytest.approx(want.ppl, rel=1e-6)
     assert 8.0 < q8.avg_bits < 32.0  # Q8_0 is 8.5 bits a weight; the narrow tensors stayed f32
+
+    # By default the file is scored as llama.cpp computes it: every product with a Q8_0 weight takes
+    # its input rounded to q8_0 blocks; f32 tensors and the split kv_b (attn_k_b/v_b) are left alone.
+    as_llama = eval_plans(gguf=[tmp_path / "q8.gguf"], model=str(path), **DATA).plans[0]
+    split = {c.key for c in sm.adapter.components if c.proj == "kv_b_proj" and gguf_names(c)[0] not in back}
+    rounding = {k: Q8_0 for k in by_key if k not in split and by_key[k].shape[-1] % 32 == 0}
+    rounding["lm_head"] = Q8_0
+    with outside_weights(sm.model, outside):
+        want = StreamedEvaluator(sm, lambda k, b: torch.from_numpy(np.ascontiguousarray(by_key[k])), {"eval": sets.eval},
+                                 refs, input_rounding=rounding).evaluate(dict.fromkeys(by_key, 0), "eval")
+    assert as_llama.result.kl == pytest.approx(want.kl, rel=1e-6)
+    assert as_llama.result.kl != pytest.approx(q8.result.kl, rel=1e-3)  # the rounding is there
+
+
+def test_rounded_inputs_in_the_streamed_walk_equal_a_whole_model_forward(tmp_path, monkeypatch):
+    """The evaluator installs each layer's rounding as it walks (streamed: the weights are read
+    layer by layer); the same rounding on the whole resident model gives the same KL."""
+    monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / "cache"))
+    from paretoq.calibrate import prepare
+    from paretoq.data import load_token_sets
+
+    path = _model_dir(tmp_path, "qwen3_moe")
+    sm = open_model(path, max_memory=0)
+    sets = load_token_sets(sm.loaded.tokenizer, "demo", 256, 256, 64, 0)
+    refs = prepare(sm, sets.calib, {"eval": sets.eval}, features=False, progress=False).references
+    keys = [c.key for c in sm.adapter.components]
+    rounding = {**dict.fromkeys(keys, Q8_0), "lm_head": Q8_0}
+    got = StreamedEvaluator(sm, lambda k, b: sm.adapter.weight(k).detach().clone(), {"eval": sets.eval}, refs,
+                            input_rounding=rounding).evaluate(dict.fromkeys(keys, 0), "eval").kl
+
+    whole = open_model(path)
+    whole.materialize_all()
+    model, ids = whole.model, sets.eval.input_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+        weights = [(whole.adapter.weight(k), Q8_0) for k in keys] + [(model.lm_head.weight, Q8_0)]
+        with rounded_linear_inputs(weights):
+            lq = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
+    want = (ref.exp() * (ref - lq)).sum(-1).mean().item()
+    assert want > 0 and got == pytest.approx(want, rel=1e-4)
 
 
 def test_bad_ggufs_are_refused_before_any_work(tmp_path, monkeypatch):

@@ -96,6 +96,18 @@ class GGUFWeights:
 
         return weight_of, dict.fromkeys(comps, 0)
 
+    def input_rounding(self) -> dict[str, tuple[int, bool]]:
+        """Component key (and "lm_head") -> how llama.cpp rounds that product's input for the
+        file's type (`paretoq.export.ggml_activations`). DeepSeek's kv_b stored as attn_k_b /
+        attn_v_b is left out: llama.cpp multiplies those with other inputs (the absorbed MLA)."""
+        from paretoq.export.ggml_activations import rounding_for
+
+        out = {k: rounding_for(t) for k, t in self.types.items() if "+" not in t}
+        head = self.tensors.get("output.weight") or self.tensors.get("token_embd.weight")  # tied: the embedding
+        if head is not None:
+            out["lm_head"] = rounding_for(head.tensor_type.name)
+        return {k: r for k, r in out.items() if r is not None}
+
     def outside(self) -> dict[str, torch.Tensor]:
         """``{"embed": ..., "lm_head": ...}`` for those the GGUF holds (no ``output`` when tied)."""
         return {role: _tensor(self._dequantize(name)) for name, role in OUTSIDE.items() if name in self.tensors}
