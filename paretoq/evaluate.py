@@ -242,6 +242,12 @@ class StreamedEvaluator:
     def reference(self, part: str) -> Reference:
         return self._refs[part]
 
+    @property
+    def streams(self) -> bool:
+        """Whether each walk reads the layers anew (not resident): then parts measured together cost
+        about what one costs, and the search measures its held-out part in each trial's walk."""
+        return not self.sm.resident
+
     @contextmanager
     def _swapped(self, bits: dict[str, int]) -> Iterator[None]:
         adapter = self.sm.adapter
@@ -265,38 +271,49 @@ class StreamedEvaluator:
                    for k in keys if (r := self.input_rounding.get(k)) is not None]
         return rounded_linear_inputs(weights)
 
-    @torch.no_grad()
     def evaluate(self, bits: dict[str, int], part: str) -> EvalResult:
-        sm, ref = self.sm, self._refs[part]
-        ids = self.parts[part].input_ids
-        n, bs = sm.num_layers, self.batch_size
-        shapes = [tuple(ids[s : s + bs].shape) for s in range(0, ids.shape[0], bs)]
+        return self.evaluate_parts(bits, (part,))[part]
+
+    @torch.no_grad()
+    def evaluate_parts(self, bits: dict[str, int], parts: tuple[str, ...]) -> dict[str, EvalResult]:
+        """The plan on several parts in one walk over the layers: each layer is read (and its plan
+        weights assembled) once for all of them, which is most of a walk's cost for a streamed model."""
+        sm, n, bs = self.sm, self.sm.num_layers, self.batch_size
         by_layer: dict[int, dict[str, int]] = {}
         for key, b in bits.items():
             by_layer.setdefault(sm.adapter.component(key).layer, {})[key] = b
         sigs = [tuple(sorted(by_layer.get(i, {}).items())) for i in range(n)]
-        old_sigs, inputs = self._prefix.get(part, (None, None))
-        start = 0
-        if old_sigs is not None:
-            while start < n and old_sigs[start] == sigs[start]:
-                start += 1
-            inputs = inputs[: start + 1]
-        else:
-            inputs = [sm.embed(ids, bs)]
-        h = inputs[start]
-        for i in range(start, n):
+        walks = {}  # part -> [first layer to run, token shapes of its batches, inputs of layers 0..i]
+        for part in parts:
+            ids = self.parts[part].input_ids
+            shapes = [tuple(ids[s : s + bs].shape) for s in range(0, ids.shape[0], bs)]
+            old_sigs, inputs = self._prefix.get(part, (None, None))
+            start = 0
+            if old_sigs is not None:
+                while start < n and old_sigs[start] == sigs[start]:
+                    start += 1
+                inputs = inputs[: start + 1]
+            else:
+                inputs = [sm.embed(ids, bs)]
+            walks[part] = [start, shapes, inputs]
+        for i in range(min(w[0] for w in walks.values()), n):
+            todo = [w for w in walks.values() if w[0] <= i]
             with sm.layer(i) as layer, self._swapped(by_layer.get(i, {})), self._rounded(by_layer.get(i, {})):
-                h = [sm.run(i, layer, x, shape) for x, shape in zip(h, shapes)]
-            inputs.append(h)
-            self.layers_run += 1
-        self._prefix[part] = (sigs, inputs)
-        batches = []
+                for w in todo:
+                    w[2].append([sm.run(i, layer, x, shape) for x, shape in zip(w[2][i], w[1])])
+            self.layers_run += len(todo)
+        out = {}
         with self._rounded(["lm_head"]):
-            for j, x in enumerate(h):
-                rows = slice(j * bs, j * bs + shapes[j][0])
-                batches.append(_metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))
-        self.evaluations += 1
-        return _result(ref, batches)
+            for part, (_, shapes, inputs) in walks.items():
+                ref, ids = self._refs[part], self.parts[part].input_ids
+                self._prefix[part] = (sigs, inputs)
+                batches = []
+                for j, x in enumerate(inputs[n]):
+                    rows = slice(j * bs, j * bs + shapes[j][0])
+                    batches.append(_metrics_batch(ref, rows, sm.logprobs(x), ids[rows]))
+                out[part] = _result(ref, batches)
+                self.evaluations += 1
+        return out
 
 
 def run_lm_eval(model, tokenizer, tasks: list, batch_size: int = 8, max_length: int = 256,

@@ -485,6 +485,10 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
     children = _spawn_workers(cfg, name) if cfg.jobs > 1 and not cfg.worker else []
     prior = Surrogate(tables)
     fitted = {"model": prior}  # the global fit of the latest round, for predicted_kl of unqueued plans
+    # A streamed model reads every layer anew for each walk: measuring the held-out windows in the
+    # same walk costs their compute only, where a held-out stage after the search would read the
+    # model once more per plan (44% of a 10-trial search at Qwen3-30B-A3B's shape, docs/scale.md).
+    fold_test = bool(getattr(ev, "streams", False))
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         trials = study.get_trials(deepcopy=False, states=(COMPLETE, RUNNING, WAITING))
@@ -515,7 +519,11 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
         comp_bits = component_bits(groups, tables.plan_bits(genome))
         plan = Plan(comp_bits, prep.settings)
         try:
-            r = ev.evaluate(comp_bits, "select")
+            if fold_test:  # the held-out windows ride along the walk; nothing selects on them
+                both = ev.evaluate_parts(comp_bits, ("select", "test"))
+                r, held = both["select"], both["test"]
+            else:
+                r, held = ev.evaluate(comp_bits, "select"), None
         except KeyboardInterrupt:  # Optuna fails this trial; an enqueued plan goes back in the queue
             _give_back(study, me)
             raise
@@ -530,6 +538,8 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
         attrs = {"avg_bits": avg, "effective_bits": plan.effective_bits(prep.adapter, over="plan"),
                  "size_bytes": plan.size_bytes(prep.adapter), "kl": r.kl, "ppl": r.ppl, "agreement": r.agreement,
                  "feasible": avg <= cfg.budget + 1e-9, "kl_windows": [float(f"{x:.6g}") for x in r.kl_windows]}
+        if held is not None:
+            attrs["held_out"] = {"kl": held.kl, "ppl": held.ppl, "agreement": held.agreement}
         if "source" not in trial.user_attrs:
             attrs["source"] = "random"
         if "predicted_kl" not in trial.user_attrs:
@@ -673,6 +683,9 @@ def _held_out(study: optuna.Study, done, best, baseline_trials: dict[str, int], 
     want |= set(baseline_trials.values()) | ({best.number} if best is not None else set())
     by_number = {t.number: t for t in done}
     for n in sorted(want - set(stored)):
+        if "held_out" in by_number[n].user_attrs:  # measured in the trial's own walk (a streamed model)
+            stored[n] = by_number[n].user_attrs["held_out"]
+            continue
         genome = decode_genome(by_number[n].user_attrs["genome"])
         r = evaluator.evaluate(component_bits(groups, tables.plan_bits(genome)), "test")
         stored[n] = {"kl": r.kl, "ppl": r.ppl, "agreement": r.agreement}

@@ -138,3 +138,23 @@ def test_baselines_with_one_plan_share_one_trial(monkeypatch):
     study.set_user_attr("baselines_enqueued", False)  # as if its creator had died before marking it
     _enqueue_baselines(study, genomes, created=False)
     assert len(study.get_trials(deepcopy=False)) == 3
+
+
+def test_a_streamed_search_measures_the_held_out_windows_in_each_trials_walk(tiny_search_model_dir, tmp_path):
+    """With the model streamed, each trial's walk measures the held-out windows too (read once, not
+    once more after the search): no held-out stage is left, and its figures are those the resident
+    search's held-out stage measures for the same plans."""
+    resident = run_search(_config(tiny_search_model_dir, tmp_path, trials=14, study="resident"))
+    streamed = run_search(_config(tiny_search_model_dir, tmp_path, trials=14, study="streamed", max_memory=0))
+    assert resident.evaluations["held-out re-measurement"] > 0
+    assert streamed.evaluations["held-out re-measurement"] == 0
+    done = [t for t in streamed.study.trials if t.state.name == "COMPLETE"]
+    assert done and all("held_out" in t.user_attrs for t in done)
+    assert not any("held_out" in t.user_attrs for t in resident.study.trials)
+    by_genome = {t.user_attrs["genome"]: resident.held_out[t.number]
+                 for t in resident.study.trials if t.number in resident.held_out}
+    same = [(t, by_genome[t.user_attrs["genome"]]) for t in done if t.user_attrs["genome"] in by_genome]
+    assert len(same) >= 5  # the baselines at least
+    for t, want in same:
+        assert t.user_attrs["held_out"]["kl"] == pytest.approx(want["kl"], rel=1e-5), t.number
+        assert streamed.held_out[t.number] == t.user_attrs["held_out"]

@@ -73,6 +73,35 @@ def test_calibration_walk_matches_the_in_memory_path(tiny_search_model_dir, tmp_
     assert not again.walked  # a second run finds every entry
 
 
+def test_two_parts_in_one_walk_equal_two_walks(tiny_search_model_dir, tmp_path, monkeypatch):
+    """`evaluate_parts` reads each layer once for both parts and gives each part what its own walk
+    gives; each part keeps its own prefix, so a later plan restarts each where it changed."""
+    monkeypatch.setenv("PARETOQ_CACHE", str(tmp_path / "cache"))
+    calib = TokenSet(_ids(128, 6, 32, 1), "c")
+    parts = {"select": TokenSet(_ids(128, 5, 32, 2), "s"), "test": TokenSet(_ids(128, 3, 32, 3), "t")}
+    settings = QuantSettings(group_size=32)
+    sm = open_model(tiny_search_model_dir, max_memory=0)
+    prep = prepare(sm, calib, parts, settings, (2, 4), features=False, progress=False)
+    adapter = sm.adapter
+    uniform = {c.key: 2 for c in adapter.components}
+    last = max(c.layer for c in adapter.components)
+    one_change = {**uniform, next(c.key for c in adapter.components if c.layer == last): 4}
+    together = StreamedEvaluator(sm, prep.cache.weight, parts, prep.references)
+    apart = StreamedEvaluator(sm, prep.cache.weight, parts, prep.references)
+    together.evaluate(uniform, "select")  # only "select" has a prefix: "test" must start at layer 0
+    apart.evaluate(uniform, "select")
+    for bits, layers_run in ((one_change, sm.num_layers + 1), (uniform, 2)):
+        before = together.layers_run
+        got = together.evaluate_parts(bits, ("select", "test"))
+        assert together.layers_run - before == layers_run
+        for part in parts:
+            want = apart.evaluate(bits, part)
+            assert got[part].kl == pytest.approx(want.kl, rel=1e-6, abs=1e-12), part
+            assert got[part].ppl == pytest.approx(want.ppl, rel=1e-6) and got[part].kl_windows == pytest.approx(
+                want.kl_windows, rel=1e-6, abs=1e-12)
+    assert got["select"].tokens != got["test"].tokens  # two parts, not one measured twice
+
+
 def test_quantize_in_one_walk_matches_layer_by_layer_capture(tiny_search_model_dir, tmp_path):
     full = load_model(tiny_search_model_dir)
     comps = full.adapter.components
