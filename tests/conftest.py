@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -15,6 +17,7 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Tests never write to the user's cache.
 os.environ["PARETOQ_CACHE"] = tempfile.mkdtemp(prefix="paretoq-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PARETOQ_CACHE"], ignore_errors=True)  # 360 MB a run, else left in /tmp
 
 COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
