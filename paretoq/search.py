@@ -539,7 +539,7 @@ def search(cfg: SearchConfig, groups: list[Group], prep: Prepared, storage, spac
                  "size_bytes": plan.size_bytes(prep.adapter), "kl": r.kl, "ppl": r.ppl, "agreement": r.agreement,
                  "feasible": avg <= cfg.budget + 1e-9, "kl_windows": [float(f"{x:.6g}") for x in r.kl_windows]}
         if held is not None:
-            attrs["held_out"] = {"kl": held.kl, "ppl": held.ppl, "agreement": held.agreement}
+            attrs["held_out"] = _held_out_metrics(held)
         if "source" not in trial.user_attrs:
             attrs["source"] = "random"
         if "predicted_kl" not in trial.user_attrs:
@@ -672,6 +672,11 @@ def _keep_the_knapsack(best, feasible: list, baselines: dict[str, int]) -> tuple
                                            "gain_needed": threshold}}
 
 
+def _held_out_metrics(r) -> dict:
+    """What a plan's held-out measurement keeps, whether a trial's walk or the held-out stage made it."""
+    return {"kl": r.kl, "ppl": r.ppl, "agreement": r.agreement}
+
+
 def _held_out(study: optuna.Study, done, best, baseline_trials: dict[str, int], groups: list[Group], tables: Tables,
               evaluator) -> dict[int, dict]:
     """Trial number -> KL, perplexity and agreement on the held-out windows, for the best plan, every
@@ -688,6 +693,6 @@ def _held_out(study: optuna.Study, done, best, baseline_trials: dict[str, int], 
             continue
         genome = decode_genome(by_number[n].user_attrs["genome"])
         r = evaluator.evaluate(component_bits(groups, tables.plan_bits(genome)), "test")
-        stored[n] = {"kl": r.kl, "ppl": r.ppl, "agreement": r.agreement}
+        stored[n] = _held_out_metrics(r)
     study.set_user_attr("held_out", {str(k): v for k, v in stored.items()})
     return stored
