@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from paretoq.calibrate import prepare
 from paretoq.data import DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ_LEN, load_token_sets, read_documents
@@ -151,35 +147,15 @@ def eval_plans(
         report.plans.append(PlanEval(name, plan.avg_bits(a), plan.effective_bits(a), plan.size_bytes(a), result, scores))
     for name, g in ggufs:
         weight_of, bits = g.as_plan(sm.adapter)
-        with outside_weights(sm.model, g.outside()):
-            rounding = g.input_rounding() if gguf_activations == "ggml" else None
-            result = StreamedEvaluator(sm, weight_of, parts, references, input_rounding=rounding).evaluate(bits, "eval")
-            scores = {}
-            if tasks:
-                with Assembler(sm.adapter, weight_of).apply(bits):
-                    scores = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
+        rounding = g.input_rounding() if gguf_activations == "ggml" else None
+        result = StreamedEvaluator(sm, weight_of, parts, references, input_rounding=rounding).evaluate(bits, "eval")
+        scores = {}
+        if tasks:
+            with Assembler(sm.adapter, weight_of).apply(bits):
+                scores = run_lm_eval(sm.model, sm.loaded.tokenizer, tasks, max_length=seq_len, limit=lm_eval_limit)
         bpw, nbytes = g.bits(sm.adapter)
         report.plans.append(PlanEval(name, bpw, bpw, nbytes, result, scores))
     return report
-
-
-@contextmanager
-def outside_weights(model, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
-    """The token embedding and output matrix replaced by ``tensors`` ({"embed", "lm_head"}) for the
-    duration, then restored. A tied output follows the embedding."""
-    slots = {"embed": model.get_input_embeddings().weight, "lm_head": model.get_output_embeddings().weight}
-    saved = {}
-    try:
-        for role, W in tensors.items():
-            p = slots[role]
-            saved[role] = p.detach().clone()
-            with torch.no_grad():
-                p.copy_(W.to(p.dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for role, W in saved.items():
-                slots[role].copy_(W)
 
 
 def _headline(metrics: dict) -> list[tuple[str, float]]:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from paretoq.data import TokenSet
-from paretoq.models import Adapter
+from paretoq.models import OUTER_KINDS, Adapter
 
 DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_TOP_K = 256
@@ -249,9 +249,12 @@ class StreamedEvaluator:
         return not self.sm.resident
 
     @contextmanager
-    def _swapped(self, bits: dict[str, int]) -> Iterator[None]:
+    def _swapped(self, bits: dict[str, int], restore: bool = False) -> Iterator[None]:
+        """``bits``' weights in the model for the block; the originals put back after it when the
+        model is resident or ``restore`` (the token embedding and output head, which a streamed
+        model holds too: its decoder layers are read anew, they are not)."""
         adapter = self.sm.adapter
-        saved = {k: adapter.weight(k).detach().clone() for k in bits} if self.sm.resident else {}
+        saved = {k: adapter.weight(k).detach().clone() for k in bits} if self.sm.resident or restore else {}
         try:
             for key, b in sorted(bits.items(), key=lambda kv: kv[1]):  # each (layer, width) entry read once
                 adapter.set_weight(key, self.weight_of(key, b))
@@ -278,19 +281,27 @@ class StreamedEvaluator:
     def evaluate_parts(self, bits: dict[str, int], parts: tuple[str, ...]) -> dict[str, EvalResult]:
         """The plan on several parts in one walk over the layers: each layer is read (and its plan
         weights assembled) once for all of them, which is most of a walk's cost for a streamed model."""
+        sm = self.sm
+        # The token embedding (layer -1) and output head (layer n) stay swapped in for the whole walk:
+        # a new embedding restarts it at layer 0, a new head changes only the log-probs.
+        with self._swapped({k: b for k, b in bits.items() if sm.adapter.component(k).kind in OUTER_KINDS},
+                           restore=True):
+            return self._walk_parts(bits, parts)
+
+    def _walk_parts(self, bits: dict[str, int], parts: tuple[str, ...]) -> dict[str, EvalResult]:
         sm, n, bs = self.sm, self.sm.num_layers, self.batch_size
         by_layer: dict[int, dict[str, int]] = {}
         for key, b in bits.items():
             by_layer.setdefault(sm.adapter.component(key).layer, {})[key] = b
-        sigs = [tuple(sorted(by_layer.get(i, {}).items())) for i in range(n)]
+        sigs = [tuple(sorted(by_layer.get(i, {}).items())) for i in range(-1, n)]  # [0]: the embedding's
         walks = {}  # part -> [first layer to run, token shapes of its batches, inputs of layers 0..i]
         for part in parts:
             ids = self.parts[part].input_ids
             shapes = [tuple(ids[s : s + bs].shape) for s in range(0, ids.shape[0], bs)]
             old_sigs, inputs = self._prefix.get(part, (None, None))
             start = 0
-            if old_sigs is not None:
-                while start < n and old_sigs[start] == sigs[start]:
+            if old_sigs is not None and old_sigs[0] == sigs[0]:
+                while start < n and old_sigs[start + 1] == sigs[start + 1]:
                     start += 1
                 inputs = inputs[: start + 1]
             else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from paretoq.cache import atomic_write_text
 from paretoq.errors import ParetoqError
-from paretoq.models import Adapter, Component
+from paretoq.models import OUTER_KINDS, Adapter, Component
 from paretoq.quant.ggml import gguf_rows
 from paretoq.quant.pack import packed_words
 from paretoq.quant.quantizer import BITS, QuantSettings, check_group_size, group_columns
@@ -52,8 +52,13 @@ class Plan:
             total = sum(c.params for c in comps)
             return quantized / total if total else 0.0
         rest = sum(c.params for c in adapter.components if c.key not in self.bits)
-        total = sum(c.params for c in adapter.components)
+        total = self._model_params(adapter)
         return (quantized + rest * fp_bits(adapter)) / total if total else 0.0
+
+    def _model_params(self, adapter: Adapter) -> int:
+        """The weights ``over="model"`` counts: every decoder-layer component, and the token embedding
+        and output head when the plan names them (a plan that leaves them out reports as before)."""
+        return sum(c.params for c in adapter.components) + sum(c.params for c in adapter.outer if c.key in self.bits)
 
     def size_bytes(self, adapter: Adapter) -> int:
         """Bytes of the packed codes, scales and zeros of the plan's components (as checkpoints store them)."""
@@ -67,7 +72,7 @@ class Plan:
         bits = 8 * self.size_bytes(adapter)
         if over == "plan":
             return bits / planned if planned else 0.0
-        total = sum(c.params for c in adapter.components)
+        total = self._model_params(adapter)
         return (bits + (total - planned) * fp_bits(adapter)) / total if total else 0.0
 
     # -- validation and files -----------------------------------------------------------------
@@ -90,6 +95,11 @@ class Plan:
         if wrong:
             raise ParetoqError(f"the plan gives {wrong[0]!r} {self.bits[wrong[0]]} bits, which quant method "
                                f"{self.quant.method!r} does not offer; use one of {', '.join(map(str, self.quant.widths))}")
+        outer = [k for k in self.bits if adapter.component(k).kind in OUTER_KINDS]
+        if outer and self.quant.method != "ggml":
+            raise ParetoqError(f"the plan quantizes {outer[0]!r}, the token embedding or output head, which only "
+                               f"llama.cpp's types (quant method 'ggml', --target llamacpp) quantize; leave it out of "
+                               f"the plan or search with --target llamacpp")
         if self.quant.method != "ggml":  # ggml: rows a type cannot tile take llama-quantize's fallback type
             check_group_size(self.quant.group_size, {k: adapter.component(k).shape[1] for k in self.bits})
 

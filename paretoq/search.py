@@ -52,7 +52,7 @@ from paretoq.data import (DEFAULT_CALIB_TOKENS, DEFAULT_EVAL_TOKENS, DEFAULT_SEQ
 from paretoq.errors import ParetoqError
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.targets import get_target, target_space
-from paretoq.models import Adapter
+from paretoq.models import OUTER_KINDS, Adapter
 from paretoq.nsga import offspring
 from paretoq.plan import Plan, check_budget
 from paretoq.quant.ggml import library as ggml_library
@@ -298,6 +298,11 @@ def _check(cfg: SearchConfig) -> tuple[SearchSpace, list[Group], TokenSets, Stre
     groups = make_groups(sm.adapter, space, settings.budget_bits)
     if not groups:
         raise ParetoqError(f"search space {space.name!r} selects no component of this model; check its 'bits' kinds")
+    outer = [g.name for g in groups if g.kind in OUTER_KINDS]
+    if outer and settings.method != "ggml":
+        raise ParetoqError(f"search space {space.name!r} quantizes {outer[0]!r} (the token embedding or output head), "
+                           "which only llama.cpp's types do; search with --target llamacpp or drop embed/head from "
+                           "the space")
     if settings.method == "ggml":  # rows a type cannot tile are priced and measured at llama-quantize's fallback
         ggml_library()
     else:
@@ -330,6 +335,7 @@ def _prepare(cfg: SearchConfig, groups: list[Group], sets: TokenSets, sm: Stream
     walk = prepare(sm, sets.calib, parts, settings, widths, seed=cfg.seed, use_cache=cfg.use_cache,
                    progress=cfg.progress)
     features, cache, cap_key, loaded = walk.features, walk.cache, walk.capture_key, sm.loaded
+    cache.fill_outer({k for g in groups if g.kind in OUTER_KINDS for k in g.keys}, widths)
     by_key = features.by_key()
     return Prepared(adapter=loaded.adapter,
                     model_info={"name_or_path": str(cfg.model), "model_type": loaded.model.config.model_type},

@@ -6,7 +6,9 @@ A space is a YAML file (bundled ones by name from ``search_spaces/``, or a path)
     granularity: expert        # component | expert | layer-experts | layer-projection
     bits: {attn: [2, 3, 4, 8], dense: [2, 3, 4, 8], shared: [2, 3, 4, 8], expert: [2, 3, 4, 8]}
 
-A kind left out of ``bits`` is not searched (it stays in full precision). Granularity ties routed
+A kind left out of ``bits`` is not searched (it stays in full precision). ``embed`` and ``head``
+(the token embedding and the output head) are llama.cpp's alone: a ``--target llamacpp`` search
+gives them the space's range of widths unless the space names them itself. Granularity ties routed
 experts: ``component`` leaves every component alone, ``expert`` ties an expert's gate/up/down (and
 a shared expert's), ``layer-experts`` all routed experts of a layer, ``layer-projection`` each
 projection across a layer's routed experts. Attention and dense projections are alone unless the
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
     from paretoq.models import Adapter
 
 GRANULARITIES = ("component", "expert", "layer-experts", "layer-projection")
-SEARCHED_KINDS = ("attn", "dense", "shared", "expert")
+SEARCHED_KINDS = ("attn", "dense", "shared", "expert", "embed", "head")
+# The token embedding and output head (`paretoq.models.OUTER_KINDS`): llama.cpp's types only. A
+# llama.cpp search adds them when its space does not name them (`paretoq.export.targets.target_space`).
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ def make_groups(adapter: Adapter, space: SearchSpace, budget_bits=None) -> list[
     -> bits per weight it costs, e.g. ``QuantSettings.budget_bits``) prices the choices, by default at
     their widths."""
     tied: dict[str, list] = {}
-    for c in adapter.components:
+    for c in [*adapter.components, *adapter.outer]:
         if c.kind not in space.bits:
             continue
         prefix, _, proj = c.key.rpartition(".")

@@ -62,8 +62,14 @@ def test_target_space_ties_and_restricts(qwen, deepseek):
     cpp = target_space(load_space("default"), "llamacpp")
     # llama.cpp's own types, q5_k and q6_k included, within the space's range of widths
     assert cpp.granularity == "layer-projection" and cpp.bits == {k: (2, 3, 4, 5, 6, 8) for k in cpp.bits}
+    # and the token embedding and output head, which a GGUF stores like any matrix, in the same range
+    assert {"embed", "head"} <= set(cpp.bits)
     narrow = target_space(SearchSpace("n", "expert", {"expert": (2, 4)}), "llamacpp")
-    assert narrow.bits == {"expert": (2, 3, 4)}
+    assert narrow.bits == {"expert": (2, 3, 4), "embed": (2, 3, 4), "head": (2, 3, 4)}
+    named = target_space(SearchSpace("n", "expert", {"expert": (2, 4), "head": (6, 8)}), "llamacpp")
+    assert named.bits == {"expert": (2, 3, 4), "head": (6, 8), "embed": (2, 3, 4, 5, 6, 8)}  # the space's own range
+    with pytest.raises(ParetoqError, match="none of which GPTQModel serves"):
+        target_space(SearchSpace("n", "expert", {"expert": (2, 4), "embed": (4,)}), "gptqmodel")
     assert target_space(load_space("layer-experts"), "llamacpp").granularity == "layer-experts"  # already coarser
     assert target_space(load_space("component"), "gptqmodel").granularity == "component"
     assert target_space(load_space("default"), None) == load_space("default")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import save_tiny_with_demo_tokenizer
 from paretoq.errors import ParetoqError
-from paretoq.eval_plans import eval_plans, outside_weights
+from paretoq.eval_plans import eval_plans
 from paretoq.evaluate import StreamedEvaluator
 from paretoq.export.ggml_activations import Q8_0, rounded_linear_inputs
 from paretoq.export.llamacpp import GGUF_ARCH, gguf_names
@@ -106,10 +106,9 @@ def test_a_gguf_reads_back_into_the_model_it_came_from(tmp_path, monkeypatch, mo
 
     sets = load_token_sets(sm.loaded.tokenizer, "demo", 256, 256, 64, 0)
     refs = prepare(sm, sets.calib, {"eval": sets.eval}, features=False, progress=False).references
-    outside = {"embed": torch.from_numpy(back["token_embd"]), "lm_head": torch.from_numpy(back["output"])}
-    with outside_weights(sm.model, outside):
-        want = StreamedEvaluator(sm, lambda k, b: torch.from_numpy(np.ascontiguousarray(by_key[k])), {"eval": sets.eval},
-                                 refs).evaluate(dict.fromkeys(by_key, 0), "eval")
+    by_key.update({"model.embed_tokens": back["token_embd"], "lm_head": back["output"]})
+    want = StreamedEvaluator(sm, lambda k, b: torch.from_numpy(np.ascontiguousarray(by_key[k])), {"eval": sets.eval},
+                             refs).evaluate(dict.fromkeys(by_key, 0), "eval")
     assert want.kl > 0 and q8.result.kl == pytest.approx(want.kl, rel=1e-6)
     assert q8.result.ppl == pytest.approx(want.ppl, rel=1e-6)
     assert 8.0 < q8.avg_bits < 32.0  # Q8_0 is 8.5 bits a weight; the narrow tensors stayed f32
@@ -120,9 +119,8 @@ def test_a_gguf_reads_back_into_the_model_it_came_from(tmp_path, monkeypatch, mo
     split = {c.key for c in sm.adapter.components if c.proj == "kv_b_proj" and gguf_names(c)[0] not in back}
     rounding = {k: Q8_0 for k in by_key if k not in split and by_key[k].shape[-1] % 32 == 0}
     rounding["lm_head"] = Q8_0
-    with outside_weights(sm.model, outside):
-        want = StreamedEvaluator(sm, lambda k, b: torch.from_numpy(np.ascontiguousarray(by_key[k])), {"eval": sets.eval},
-                                 refs, input_rounding=rounding).evaluate(dict.fromkeys(by_key, 0), "eval")
+    want = StreamedEvaluator(sm, lambda k, b: torch.from_numpy(np.ascontiguousarray(by_key[k])), {"eval": sets.eval},
+                             refs, input_rounding=rounding).evaluate(dict.fromkeys(by_key, 0), "eval")
     assert as_llama.result.kl == pytest.approx(want.kl, rel=1e-6)
     assert as_llama.result.kl != pytest.approx(q8.result.kl, rel=1e-3)  # the rounding is there
 

@@ -34,7 +34,6 @@ from paretoq.quant.ggml import merge_kv_b
 # GPT-OSS is left out: its converter interleaves gate/up and stores MXFP4 blocks with biases.
 READABLE = ("deepseek2", "llama", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
 PERMUTED_QK = ("llama",)  # GGUF architectures whose converter interleaves q/k rotary halves
-OUTSIDE = {"token_embd.weight": "embed", "output.weight": "lm_head"}
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -90,6 +89,7 @@ class GGUFWeights:
         """``(weight_of, bits)`` in the shape an evaluator takes a plan: every component from the file
         (the width, 0, is a placeholder: the file's type is the width)."""
         comps = {c.key: c for c in adapter.components}
+        comps.update({c.key: c for c in adapter.outer if f"{gguf_names(c)[0]}.weight" in self.tensors})
 
         def weight_of(key: str, _bits: int) -> torch.Tensor:
             return self.weight(comps[key])
@@ -108,15 +108,12 @@ class GGUFWeights:
             out["lm_head"] = rounding_for(head.tensor_type.name)
         return {k: r for k, r in out.items() if r is not None}
 
-    def outside(self) -> dict[str, torch.Tensor]:
-        """``{"embed": ..., "lm_head": ...}`` for those the GGUF holds (no ``output`` when tied)."""
-        return {role: _tensor(self._dequantize(name)) for name, role in OUTSIDE.items() if name in self.tensors}
-
     def bits(self, adapter: Adapter) -> tuple[float, int]:
-        """(bits per weight over the components, as the file stores them; bytes of those tensors)."""
+        """(bits per weight over the components, the token embedding and output head included, as the
+        file stores them; bytes of those tensors): what a ``--target llamacpp`` budget counts."""
         total_bits, params, nbytes = 0.0, 0, 0
         seen: set[str] = set()
-        for c in adapter.components:
+        for c in [*adapter.components, *adapter.outer]:
             for name in (f"{n}.weight" for n in gguf_names(c)):
                 t = self.tensors.get(name)
                 if t is None or name in seen:
@@ -163,11 +160,10 @@ def open_gguf(path: str | Path, adapter: Adapter, config) -> GGUFWeights:
                 raise ParetoqError(f"{path}'s {name} has shape {list(got)} where {c.key} needs {list(shape)}; "
                                    f"pass the --model the GGUF was converted from")
         g.types[c.key] = "+".join(g.tensors[n].tensor_type.name.lower() for n in names)
-    model = adapter.model
-    for name, role in OUTSIDE.items():
-        module = model.get_input_embeddings() if role == "embed" else model.get_output_embeddings()
+    for c in adapter.outer:  # the token embedding and output head: read where the file holds them
+        name = f"{gguf_names(c)[0]}.weight"
         t = g.tensors.get(name)
-        if t is not None and module is not None and tuple(int(d) for d in reversed(t.shape)) != tuple(module.weight.shape):
+        if t is not None and tuple(int(d) for d in reversed(t.shape)) != tuple(c.shape):
             raise ParetoqError(f"{path}'s {name} has shape {[int(d) for d in reversed(t.shape)]} where the model's "
-                               f"{role} is {list(module.weight.shape)}; pass the --model the GGUF was converted from")
+                               f"{c.key} is {list(c.shape)}; pass the --model the GGUF was converted from")
     return g

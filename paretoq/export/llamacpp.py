@@ -31,11 +31,13 @@ ATTN = {"q_proj": ("attn_q",), "k_proj": ("attn_k",), "v_proj": ("attn_v",), "o_
         "kv_b_proj": ("attn_kv_b", "attn_k_b", "attn_v_b")}
 FFN = {"gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 SUFFIX = {"dense": "", "shared": "_shexp", "expert": "_exps"}
+OUTER = {"embed": "token_embd", "head": "output"}  # a tied model's head is token_embd itself
 # Router tensors; llama-quantize never quantizes them and no line here may match them.
 ROUTERS = ("ffn_gate_inp", "ffn_gate_inp_shexp", "exp_probs_b")
 # The same width -> type map the search measures with (--target llamacpp, quant method "ggml").
 DEFAULT_TYPES = {**GGML_TYPES, "fp": "f16"}
-# ftype for the tensors no line names (token_embd, output): the mixture of the width nearest the plan's size.
+# ftype for the tensors no line names (token_embd and output when the plan leaves them out): the mixture of
+# the width nearest the plan's size.
 BASE_FTYPE = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 8: "Q8_0"}
 # ggml's type names (ggml.h ggml_type) that llama-quantize accepts in a tensor-type file.
 GGML_TYPE_NAMES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
@@ -45,6 +47,8 @@ GGML_TYPE_NAMES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
 
 def gguf_names(c: Component) -> tuple[str, ...]:
     """GGUF tensor names (without ``.weight``) holding component ``c``."""
+    if c.kind in OUTER:
+        return (OUTER[c.kind],)
     if c.kind == "attn" and c.proj in ATTN:
         return tuple(f"blk.{c.layer}.{n}" for n in ATTN[c.proj])
     if c.kind in SUFFIX and c.proj in FFN:
@@ -70,7 +74,9 @@ def parse_types(spec: str | None) -> dict:
 def lines(ctx: Context) -> list[str]:
     types = ctx.options.get("ggml_types") or DEFAULT_TYPES
     out = {}
-    for c in ctx.adapter.components:
+    # The token embedding and output head get a line only when the plan names them; else llama-quantize
+    # gives them the base mixture's types.
+    for c in [*ctx.adapter.components, *(c for c in ctx.adapter.outer if c.key in ctx.plan.bits)]:
         b = ctx.plan.bits.get(c.key)
         pattern = _pattern(gguf_names(c))
         # Components sharing a tensor (all experts' gate of a layer) give one line; the plan is checked servable.
@@ -79,6 +85,8 @@ def lines(ctx: Context) -> list[str]:
 
 
 def _pattern(names: tuple[str, ...]) -> str:
+    if not names[0].startswith("blk."):  # token_embd, output
+        return rf"^{re.escape(names[0])}\.weight$"
     layer, _, _ = names[0].partition(".")[2].partition(".")
     tails = [n.split(".", 2)[2] for n in names]
     tail = re.escape(tails[0]) if len(tails) == 1 else f"(?:{'|'.join(map(re.escape, tails))})"

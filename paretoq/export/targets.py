@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the CLI imports this module at start-up: no torch, no trans
     from paretoq.plan import Plan
 
 ALL_BITS = {k: BITS for k in ("attn", "dense", "shared", "expert")}
+OUTER = ("embed", "head")  # the token embedding and output head (paretoq.models.OUTER_KINDS): llama.cpp's alone
 # Coarser granularities tie more: each entry lists the granularities it implies.
 IMPLIES = {
     "component": {"component"},
@@ -72,7 +73,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            help="GPTQModel format within vLLM's limits: 4/8 bits, one width per layer's experts and fused module"),
     Target("llmcompressor", "llmcompressor", "llm-compressor", "component",
            help="llm-compressor recipe: GPTQModifier with one config group per bit width"),
-    Target("llamacpp", "llamacpp", "llama.cpp", "layer-projection", bits={k: tuple(GGML_TYPES) for k in ALL_BITS},
+    Target("llamacpp", "llamacpp", "llama.cpp", "layer-projection",
+           bits={k: tuple(GGML_TYPES) for k in (*ALL_BITS, *OUTER)},
            method="ggml",
            help="llama-quantize --tensor-type-file with GGUF tensor names; searched with ggml's own quantizers "
                 "(q2_k, q3_k, q4_k, q5_k, q6_k, q8_0) at their real sizes"),
@@ -164,7 +166,11 @@ def target_space(space: SearchSpace, target: str | None, budget: float | None = 
     # Keep the space's granularity when it already ties at least what the target needs.
     granularity = space.granularity if t.granularity in IMPLIES[space.granularity] else t.granularity
     bits = {}
-    for kind, choices in space.bits.items():
+    wanted = dict(space.bits)
+    if t.method == "ggml":  # a GGUF stores the token embedding and output head like any matrix: search them too
+        lo, hi = min(min(v) for v in space.bits.values()), max(max(v) for v in space.bits.values())
+        wanted.update({k: (lo, hi) for k in OUTER if k not in space.bits})
+    for kind, choices in wanted.items():
         kept = tuple(b for b in choices if b in t.served(kind))
         if t.method == "ggml":  # llama.cpp's q5_k and q6_k between the space's widths, which GPTQ lacks
             kept = tuple(b for b in t.served(kind) if min(choices) <= b <= max(choices))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from paretoq.errors import ParetoqError
-from paretoq.models.component import Component
+from paretoq.models.component import OUTER_KINDS, Component
 
 
 @dataclass(frozen=True)
@@ -136,11 +136,16 @@ class Adapter:
         self.model = model
         self.arch = arch
         self.components: list[Component] = []
+        # The token embedding (layer -1) and the output head (layer ``num_layers``; none when tied to
+        # the embedding): components a plan may name, but not in ``components``, which every stage
+        # walking the decoder layers (capture, GPTQ, probes, paretoq's own format) iterates.
+        self.outer: list[Component] = []
         self.moe_blocks: list[MoEBlock] = []
         self._weights: dict[str, tuple[nn.Module, str, int | None]] = {}
         self._index: dict[str, Component] = {}
         self.layers_prefix, self.layers = _decoder_layers(model)
         self._discover()
+        self._discover_outer()
 
     # -- discovery --------------------------------------------------------------------------------
     def _add(self, component: Component, owner: nn.Module, proj: str, expert: int | None) -> None:
@@ -187,6 +192,28 @@ class Adapter:
                 i, mlp_path, f"{mlp_path}.{experts_name}", router, experts, experts.num_experts, int(top_k),
                 tuple(shared_paths),
             ))
+
+    def _discover_outer(self) -> None:
+        model = self.model
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        if isinstance(embed, nn.Embedding) and id(embed) in names:
+            key = names[id(embed)]
+            self._add(Component(key, "embed", -1, None, key.rpartition(".")[2], tuple(embed.weight.shape)),
+                      embed, "weight", None)
+        tied = head is not None and embed is not None and head.weight is embed.weight
+        if isinstance(head, nn.Linear) and id(head) in names and not tied:
+            key = names[id(head)]
+            self._add(Component(key, "head", self.num_layers, None, key.rpartition(".")[2], tuple(head.weight.shape)),
+                      head, "weight", None)
+        # _add listed them with the decoder layers' components: keep those to the layers
+        self.outer = [c for c in self.components if c.kind in OUTER_KINDS]
+        self.components = [c for c in self.components if c.kind not in OUTER_KINDS]
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the output head is the token embedding (one tensor: GGUF's ``token_embd`` alone)."""
+        return not any(c.kind == "head" for c in self.outer)
 
     # -- access -----------------------------------------------------------------------------------
     def has(self, key: str) -> bool:

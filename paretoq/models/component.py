@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-KINDS = ("attn", "dense", "shared", "expert", "other")
+KINDS = ("attn", "dense", "shared", "expert", "embed", "head", "other")
+# The token embedding and the output head: outside the decoder layers, quantized only by llama.cpp's
+# types (a GGUF stores them like any matrix), and components of a plan only when it names them.
+OUTER_KINDS = ("embed", "head")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from paretoq.capture import Capture
+from paretoq.errors import ParetoqError
 from paretoq.models import Adapter
 from paretoq.quant.gptq import HessianFactor, gptq, hessian_factor
 from paretoq.quant.quantizer import GGMLTensor, QuantizedTensor, QuantSettings, rtn
@@ -132,6 +133,39 @@ def _ggml_components(adapter: Adapter, capture: Capture, bits: dict[str, int]) -
             E = W - q.dequantize()
             out.loss[key] = float(((E @ H.float().cpu()) * E).sum())
     return out
+
+
+def quantize_outer(adapter: Adapter, bits: dict[str, int], settings: QuantSettings) -> QuantizedComponents:
+    """The token embedding and output head (`paretoq.models.OUTER_KINDS`) at llama.cpp's types,
+    without importance, as llama-quantize quantizes them: llama-imatrix collects none for them
+    (``token_embd`` is a row lookup, not a product; ``output.weight`` only with ``--process-output``),
+    and llama-quantize then passes no importance (checked against llama.cpp 0c1e570). The loss is the
+    squared error ``||W - Q||^2`` (no Hessian is captured outside the layers); the sensitivity
+    scaling uses only its ratios between widths."""
+    from paretoq.quant.ggml import quantize, stored_type
+
+    if settings.method != "ggml":
+        raise ParetoqError(f"{next(iter(bits))!r} (the token embedding or output head) is quantized only by "
+                           "llama.cpp's types; search or quantize it with --target llamacpp")
+    out = QuantizedComponents()
+    for key, b in bits.items():
+        weight = adapter.weight(key).detach()
+        t = stored_type(GGML_TYPES[b], weight.shape[-1])
+        # a few rows at a time in float32: DeepSeek-V3's embedding is 0.9G weights, 3.7 GB in float32
+        rows = max(1, OUTER_CHUNK_WEIGHTS // weight.shape[-1])
+        data, loss = [], 0.0
+        for start in range(0, weight.shape[0], rows):
+            W = weight[start : start + rows].float().cpu()
+            q = GGMLTensor(torch.from_numpy(quantize(W.numpy(), t)), t, b)
+            loss += float(((W - q.dequantize()) ** 2).sum())
+            data.append(q.data)
+        out.tensors[key] = GGMLTensor(torch.cat(data), t, b)
+        out.loss[key] = loss
+        out.tokens[key] = 0
+    return out
+
+
+OUTER_CHUNK_WEIGHTS = 1 << 26  # 256 MB of float32 rows at a time
 
 
 def _factor(capture: Capture, sites: list[str], settings: QuantSettings,

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from paretoq.cache import cache_root, digest, load_checked_entry, load_entry, save_checked_tensors
 from paretoq.capture import Capture
 from paretoq.models import Adapter
-from paretoq.quant.apply import quantize_components
+from paretoq.quant.apply import quantize_components, quantize_outer
 from paretoq.quant.pack import pack, unpack
 from paretoq.quant.ggml import LAYOUT as GGML_LAYOUT
 from paretoq.quant.quantizer import BITS, GGMLTensor, QuantizedTensor, QuantSettings
@@ -90,7 +90,17 @@ class QuantCache:
         self.computed = 0  # entries quantized by this object (0 on a full cache hit)
 
     def path(self, layer: int, bits: int) -> Path:
-        return self.root / self._key / f"layer{layer}-{bits}bit.safetensors"
+        outer = {c.layer: c.kind for c in self.adapter.outer}
+        return self.root / self._key / f"{outer.get(layer, f'layer{layer}')}-{bits}bit.safetensors"
+
+    def fill_outer(self, keys, bits: tuple[int, ...]) -> None:
+        """The entries of the token embedding and output head among ``keys`` at ``bits``: quantized
+        from the weights held with the model when missing (no walk: no importance is used), and
+        their losses noted."""
+        for c in self.adapter.outer:
+            if c.key in keys:
+                for b in bits:
+                    self._entry(c.layer, b)
 
     def fill(self, bits: tuple[int, ...] = BITS, progress: bool = True) -> None:
         """Quantize whatever is missing, so every (component, bits) is on disk."""
@@ -164,7 +174,7 @@ class QuantCache:
                 path.unlink(missing_ok=True)
                 entry = None
         if entry is None:
-            if self.capture is None:
+            if self.capture is None and layer in self._layers:
                 raise RuntimeError(f"quant cache entry layer {layer} at {bits} bits is missing or damaged; "
                                    f"run the calibration walk to (re)write it")
             entry = self._compute(layer, bits, path)
@@ -176,6 +186,10 @@ class QuantCache:
         return entry
 
     def _compute(self, layer: int, bits: int, path: Path) -> dict[str, QuantizedTensor]:
+        outer = {c.key: bits for c in self.adapter.outer if c.layer == layer}
+        if outer:
+            self.write(layer, bits, quantize_outer(self.adapter, outer, self.settings))
+            return self._read(path, bits)
         keys = {c.key: bits for c in self.adapter.components if c.layer == layer}
         self.write(layer, bits, quantize_components(self.adapter, self.capture, keys, self.settings))
         return self._read(path, bits)

@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agreement import CTX, kl_by_position, llama_chunks, llama_tokens  # noqa: E402
 
-from paretoq.eval_plans import outside_weights  # noqa: E402
 from paretoq.evaluate import Assembler, _logprobs  # noqa: E402
 from paretoq.export.ggml_activations import rounded_linear_inputs, rounding_for  # noqa: E402
 from paretoq.export.gguf_read import open_gguf  # noqa: E402
@@ -44,7 +43,7 @@ def main() -> int:
         found = re.search(r"Mean\s+KLD:\s+(\S+)", (work / f"{path.stem}.kld.log").read_text())
         g = open_gguf(path, sm.adapter, sm.model.config)
         weight_of, bits = g.as_plan(sm.adapter)
-        with outside_weights(sm.model, g.outside()), Assembler(sm.adapter, weight_of).apply(bits):
+        with Assembler(sm.adapter, weight_of).apply(bits):
             plain = kl_by_position(sm.model, chunks, ref)[:, first:].mean().item()
             weights = []  # (weight, how ggml rounds its input); kv_b split: other inputs in llama.cpp
             for c in sm.adapter.components:

@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import convert, eval_text, llama_kld, quantize  # noqa: E402
 
 from paretoq.data import load_token_sets  # noqa: E402
-from paretoq.eval_plans import outside_weights  # noqa: E402
 from paretoq.evaluate import Assembler, _logprobs  # noqa: E402
 from paretoq.export.gguf_read import open_gguf  # noqa: E402
 from paretoq.models.loading import demo_dir  # noqa: E402
@@ -104,7 +103,7 @@ def main() -> int:
     for path in ggufs:
         g = open_gguf(path, sm.adapter, sm.model.config)
         weight_of, bits = g.as_plan(sm.adapter)
-        with outside_weights(sm.model, g.outside()), Assembler(sm.adapter, weight_of).apply(bits):
+        with Assembler(sm.adapter, weight_of).apply(bits):
             kw = kl_by_position(sm.model, windows, ref_w)
             kc = kl_by_position(sm.model, chunks, ref_c)
             kt = kl_by_position(sm.model, chunks, ref_c, floor=-16.0)

@@ -15,9 +15,10 @@ own converter, with one importance matrix (``paretoq imatrix`` on the search's c
   sizes with the same importance), ``paretoq export --format llamacpp --imatrix I`` (a tensor-type
   file, a base type and the imatrix), then ``llama-quantize --imatrix I --tensor-type-file ... BASE``.
 
-``--budgets match`` (the default) searches at each mixture's own bits per weight over the searched
-components, as its file stores them, so each plan's components take at most the mixture's bytes.
-The file size also counts token_embd and output, whose types the base ftype sets. Each GGUF is
+``--budgets match`` (the default) searches at each mixture's own bits per weight over its matrices
+(every searched component, token_embd and output), as its file stores them, so each plan takes at
+most the mixture's bytes: the search gives token_embd and output their types too, and the base
+ftype sets none of them. Each GGUF is
 measured twice on the same text, the eval windows of seed 0: by ``paretoq eval --gguf`` (KL and
 perplexity), and by llama.cpp's own ``llama-perplexity --kl-divergence`` against the f32 GGUF, over
 those windows decoded to text (llama.cpp re-tokenizes it and scores the second half of each
@@ -138,7 +139,7 @@ def main() -> int:
         if not out.is_file():
             quantize(a.llama_cpp, f32, out, ftype, imatrix=imatrix)
         ggufs[out.name] = {"source": "llama.cpp", "ftype": ftype}
-        if a.budgets == "match":  # the mixture's bits per weight over the searched components, rounded down
+        if a.budgets == "match":  # the mixture's bits per weight over its matrices, rounded down
             bpw = json.loads(paretoq("eval", "--model", str(a.model), "--gguf", str(out), "--json", "--quiet"))["avg_bits"]
             budgets.append(f"{int((bpw - a.margin) * 1e4) / 1e4:.4f}")
     budgets = budgets if a.budgets == "match" else a.budgets.split(",")
