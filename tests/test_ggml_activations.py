@@ -60,3 +60,24 @@ def test_rounding_per_type_is_ggmls_vec_dot_type():
         assert rounding_for(t.name) == want, t.name
         checked += 1
     assert checked >= 20
+
+
+def test_every_linear_call_on_a_paired_weight_is_rounded_however_it_was_bound():
+    """nn.Linear, F.linear looked up at call time, a ``linear`` bound at import and keyword arguments
+    all take the rounded input for a paired weight; other weights, and everything after, do not."""
+    from torch.nn.functional import linear as bound_at_import
+
+    from paretoq.export.ggml_activations import rounded_linear_inputs
+
+    torch.manual_seed(0)
+    lin, other = torch.nn.Linear(256, 8), torch.nn.Linear(256, 8)
+    x = torch.randn(3, 256)
+    exact = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    want = torch.nn.functional.linear(round_like_ggml(x, *Q8_K), lin.weight, lin.bias)
+    assert not torch.allclose(want, exact)
+    with torch.no_grad(), rounded_linear_inputs([(lin.weight, Q8_K)]):
+        for got in (lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), bound_at_import(x, lin.weight, lin.bias),
+                    torch.nn.functional.linear(input=x, weight=lin.weight, bias=lin.bias)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(other(x), torch.nn.functional.linear(x, other.weight, other.bias), rtol=0, atol=0)
+    torch.testing.assert_close(lin(x), exact, rtol=0, atol=0)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 Rounding = tuple[int, bool]  # (block, scale stored in fp16)
 Q8_K: Rounding = (256, False)
@@ -73,7 +74,7 @@ def rounded_linear_inputs(weights: Iterable[tuple[torch.Tensor, Rounding | None]
     """Every ``F.linear`` whose weight shares storage with one of ``weights`` gets its input rounded
     as paired, for the duration (views of one tensor: the coarser rounding). Inputs whose width is
     not a whole number of blocks are left as they are (ggml would have stored such a weight as a
-    float type)."""
+    float type). A torch function mode sees every call, however the caller bound ``linear``."""
     rounding: dict[int, Rounding] = {}
     for w, r in weights:
         if r is not None:
@@ -82,16 +83,23 @@ def rounded_linear_inputs(weights: Iterable[tuple[torch.Tensor, Rounding | None]
     if not rounding:
         yield
         return
-    linear = F.linear
+    with _RoundedLinear(rounding):
+        yield
 
-    def patched(x, w, b=None):
-        r = rounding.get(w.untyped_storage().data_ptr())
+
+class _RoundedLinear(TorchFunctionMode):
+    def __init__(self, rounding: dict[int, Rounding]):
+        super().__init__()
+        self.rounding = rounding
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        # the mode is off inside this call: the rounding's own torch ops are not seen by it
+        x = args[0] if len(args) > 0 else kwargs.pop("input")
+        w = args[1] if len(args) > 1 else kwargs.pop("weight")
+        r = self.rounding.get(w.untyped_storage().data_ptr())
         if r is not None and x.shape[-1] % r[0] == 0:
             x = round_like_ggml(x, *r)
-        return linear(x, w, b)
-
-    F.linear = patched
-    try:
-        yield
-    finally:
-        F.linear = linear
+        return func(x, w, *args[2:], **kwargs)
