@@ -161,8 +161,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.components:
         print()
         print(f"{'key':60s} {'kind':7s} {'shape':>12s} {'params':>10s}")
-        for c in info.components:
+        for c in [*info.components, *info.outer]:
             print(f"{c.key:60s} {c.kind:7s} {'x'.join(map(str, c.shape)):>12s} {c.params:10,d}")
+        if info.outer:
+            print(f"({', '.join(c.kind for c in info.outer)}: planned only with --target llamacpp, whose GGUF "
+                  "stores them quantized)")
     return 0
 
 

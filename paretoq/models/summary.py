@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from paretoq.models.loading import LoadedModel
 
@@ -37,6 +37,7 @@ class ModelInfo:
     total_params: int  # every parameter of the model, embeddings and norms included
     components: list
     budget: BudgetMeaning
+    outer: list = field(default_factory=list)  # the token embedding and output head (llama.cpp plans only)
 
     @property
     def component_params(self) -> int:
@@ -62,6 +63,7 @@ class ModelInfo:
             "expert_share": self.expert_share,
             "budget": self.budget.to_dict(),
             "components": [c.to_dict() for c in self.components],
+            "outer_components": [c.to_dict() for c in self.outer],
         }
 
 
@@ -97,6 +99,7 @@ def model_info(loaded: LoadedModel, budget: float = 3.0) -> ModelInfo:
         total_params=sum(p.numel() for p in loaded.model.parameters()),
         components=list(adapter.components),
         budget=budget_meaning(params, budget),
+        outer=list(adapter.outer),
     )
 
 
