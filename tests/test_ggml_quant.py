@@ -294,3 +294,14 @@ def test_deepseek_kv_b_is_quantized_and_priced_as_the_converter_splits_it():
     plan = Plan({c.key: 4}, quant=QuantSettings(method="ggml"))
     assert plan.avg_bits(adapter, over="plan") == pytest.approx((1024 * 32 * 5.5 + 256 * 256 * 4.5) / W.size)
     assert plan.size_bytes(adapter) == (1024 * 32 * 5.5 + 256 * 256 * 4.5) / 8
+
+
+@pytest.mark.parametrize("name", ["q2_k", "q6_k", "q8_0", "q5_1"])
+def test_rows_dequantized_a_chunk_at_a_time_equal_one_gguf_call(name, monkeypatch):
+    from gguf.quants import dequantize as gguf_dequantize
+
+    monkeypatch.setattr(ggml, "DEQUANTIZE_CHUNK_BYTES", 1000)  # a few rows a chunk, the last one shorter
+    data = ggml.quantize(_w(rows=37, n=512, seed=3), name)
+    got = ggml.dequantize(data, name)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, gguf_dequantize(data, GGMLQuantizationType[name.upper()]))

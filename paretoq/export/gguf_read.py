@@ -29,7 +29,7 @@ import torch
 from paretoq.errors import ParetoqError
 from paretoq.export.llamacpp import GGUF_ARCH, gguf_names
 from paretoq.models import Adapter, Component
-from paretoq.quant.ggml import merge_kv_b
+from paretoq.quant.ggml import dequantize_rows, merge_kv_b
 
 # GPT-OSS is left out: its converter interleaves gate/up and stores MXFP4 blocks with biases.
 READABLE = ("deepseek2", "llama", "olmoe", "qwen2", "qwen2moe", "qwen3", "qwen3moe")
@@ -39,6 +39,12 @@ PERMUTED_QK = ("llama",)  # GGUF architectures whose converter interleaves q/k r
 def _tensor(a: np.ndarray) -> torch.Tensor:
     """A float32 copy (F32 tensors come back as read-only views of the memory-mapped file)."""
     return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
+
+
+def _whole(data: np.ndarray, qtype) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return dequantize(data, qtype)
 
 
 def _reader(path: Path):
@@ -63,11 +69,9 @@ class GGUFWeights:
     types: dict[str, str] = field(default_factory=dict)  # component key -> ggml type name(s), "+"-joined
 
     def _dequantize(self, name: str, index: int | None = None) -> np.ndarray:
-        from gguf.quants import dequantize
-
         t = self.tensors[name]
         data = t.data if index is None else t.data[index]  # experts: one expert's rows, not the whole tensor
-        return dequantize(data, t.tensor_type)
+        return dequantize_rows(data, t.tensor_type) if data.ndim == 2 else _whole(data, t.tensor_type)
 
     def weight(self, c: Component) -> torch.Tensor:
         names = [f"{n}.weight" for n in gguf_names(c)]

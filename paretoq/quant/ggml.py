@@ -193,11 +193,28 @@ def row_chunks(rows: int, n: int, workers: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
 
+DEQUANTIZE_CHUNK_BYTES = 1 << 22  # gguf's numpy dequantizers hold several arrays many times their input's size
+
+
 def dequantize(data: np.ndarray, name: str) -> np.ndarray:
     """gguf's own dequantizer: ``[rows, row bytes]`` uint8 of type ``name`` -> ``[rows, n]`` float32."""
+    return dequantize_rows(data, _qtype(name))
+
+
+def dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
+    """gguf's ``dequantize`` of a 2-D tensor of gguf type ``qtype``, a chunk of rows at a time into
+    one float32 output: in one call a 151,936-row embedding peaks at several times its float32 size."""
     from gguf.quants import dequantize as gguf_dequantize
 
-    return gguf_dequantize(data, _qtype(name)).astype(np.float32, copy=False)
+    step = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, data[:1].nbytes))
+    first = gguf_dequantize(data[:step], qtype).astype(np.float32, copy=False)
+    if data.shape[0] <= step:
+        return first
+    out = np.empty((data.shape[0], first.shape[-1]), dtype=np.float32)
+    out[:step] = first
+    for start in range(step, data.shape[0], step):
+        out[start : start + step] = gguf_dequantize(data[start : start + step], qtype)
+    return out
 
 
 def round_trip(W: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
