@@ -191,8 +191,9 @@ def rebuild(path: str | Path, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
     adapter = get_adapter(model)
     rest = {k: v for k, v in state.items() if not k.endswith((".qweight", ".scales", ".zeros"))}
+    components = {c.key for c in adapter.components}  # the embedding and head are stored as they are
     plain = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in rest.items()
-             if not adapter.has(k.removesuffix(".weight"))}
+             if k.removesuffix(".weight") not in components}
     missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     missing = set(missing) - _component_params(adapter)
     if missing or unexpected:

@@ -44,6 +44,7 @@ class _Adapter:
 
     def __init__(self, components):
         self.components = components
+        self.outer = []  # no token embedding or output head among them
         self._by_key = {c.key: c for c in components}
 
     def component(self, key):
