@@ -246,8 +246,16 @@ def prepare(
     if cache is not None:
         cache.load_losses(widths)
         if not sm.resident:  # streaming: hold one layer's entries at every width, never the whole model's
-            cache.max_bytes = int(max(adapter.params_by_layer().values()) * len(widths) * 1.25)  # codes, scales
+            cache.max_bytes = int(max(adapter.params_by_layer().values()) * entry_bytes_per_weight(settings, widths))
     return Prepared(sm, key, feats, cache, refs, walked, time.time() - started)
+
+
+def entry_bytes_per_weight(settings: QuantSettings, widths: tuple[int, ...]) -> float:
+    """Bytes a weight takes in the quant cache's memory at every width of ``widths``: GPTQ codes
+    unpacked to a byte, plus a quarter for scales, zeros and slack; ggml types their own bytes
+    (q2_k 0.33, q8_0 1.06), plus the same quarter."""
+    per_width = [settings.budget_bits(b) / 8 if settings.method == "ggml" else 1.0 for b in widths]
+    return sum(per_width) * 1.25
 
 
 def _check_disk(sm: StreamedModel, todo_quant, ref_parts: dict[str, TokenSet], settings) -> None:

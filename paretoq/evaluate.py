@@ -251,10 +251,11 @@ class StreamedEvaluator:
     @contextmanager
     def _swapped(self, bits: dict[str, int], restore: bool = False) -> Iterator[None]:
         """``bits``' weights in the model for the block; the originals put back after it when the
-        model is resident or ``restore`` (the token embedding and output head, which a streamed
-        model holds too: its decoder layers are read anew, they are not)."""
-        adapter = self.sm.adapter
-        saved = {k: adapter.weight(k).detach().clone() for k in bits} if self.sm.resident or restore else {}
+        model is resident (from copies) or ``restore`` (the token embedding and output head, which a
+        streamed model holds too: read back from the checkpoint, not copied, since at Qwen3's
+        vocabulary the two are 1.2 GB)."""
+        adapter, sm = self.sm.adapter, self.sm
+        saved = {k: adapter.weight(k).detach().clone() for k in bits} if sm.resident else {}
         try:
             for key, b in sorted(bits.items(), key=lambda kv: kv[1]):  # each (layer, width) entry read once
                 adapter.set_weight(key, self.weight_of(key, b))
@@ -262,6 +263,9 @@ class StreamedEvaluator:
         finally:
             for key, W in saved.items():
                 adapter.set_weight(key, W)
+            if restore and not sm.resident:
+                for key in bits:
+                    adapter.set_weight(key, sm.reread_outside(f"{key}.weight"))
 
     def _rounded(self, keys) -> AbstractContextManager:
         """The engine's input rounding for the products of ``keys`` (and "lm_head"), if any."""

@@ -226,6 +226,14 @@ class StreamedModel:
                 compute_buffers(module, config, self.device)
         self.reader.release()
 
+    def reread_outside(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` outside the decoder layers (``lm_head.weight``) as the checkpoint holds
+        it: what a streamed evaluation puts back after swapping it, instead of holding a copy."""
+        p = self.model.get_parameter(name)
+        t = self._read(name, p.shape)
+        self.reader.release()
+        return t
+
     def _read(self, name: str, shape) -> torch.Tensor:
         t = self.reader.get(name, self.dtype, self.device)
         if tuple(t.shape) != tuple(shape):

@@ -305,3 +305,12 @@ def test_rows_dequantized_a_chunk_at_a_time_equal_one_gguf_call(name, monkeypatc
     got = ggml.dequantize(data, name)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, gguf_dequantize(data, GGMLQuantizationType[name.upper()]))
+
+
+def test_the_streamed_cache_bound_follows_each_quantizers_bytes():
+    """One layer's entries at every width: GPTQ codes a byte each, ggml types their own bytes."""
+    from paretoq.calibrate import entry_bytes_per_weight
+    from paretoq.quant.quantizer import QuantSettings
+
+    assert entry_bytes_per_weight(QuantSettings(), (2, 4)) == pytest.approx(2 * 1.25)
+    assert entry_bytes_per_weight(QuantSettings(method="ggml"), (2, 8)) == pytest.approx((2.625 + 8.5) / 8 * 1.25)
