@@ -314,3 +314,14 @@ def test_the_streamed_cache_bound_follows_each_quantizers_bytes():
 
     assert entry_bytes_per_weight(QuantSettings(), (2, 4)) == pytest.approx(2 * 1.25)
     assert entry_bytes_per_weight(QuantSettings(method="ggml"), (2, 8)) == pytest.approx((2.625 + 8.5) / 8 * 1.25)
+
+
+def test_a_stacked_tensor_dequantized_a_chunk_of_its_first_axis_at_a_time_equals_one_gguf_call(monkeypatch):
+    """3-D tensors (a GGUF's attn_k_b [heads, rank, nope]) go through the same chunked path."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    monkeypatch.setattr(ggml, "DEQUANTIZE_CHUNK_BYTES", 1000)
+    data = ggml.quantize(_w(rows=5 * 12, n=256, seed=4), "q4_k").reshape(5, 12, -1)
+    got = ggml.dequantize_rows(data, GGMLQuantizationType.Q4_K)
+    assert got.shape == (5, 12, 256)
+    np.testing.assert_array_equal(got, gguf_dequantize(data, GGMLQuantizationType.Q4_K))

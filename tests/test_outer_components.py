@@ -9,6 +9,7 @@ import torch
 
 from paretoq.errors import ParetoqError
 from paretoq.quant import ggml
+from paretoq.quant.settings import GGML_TYPES
 
 K_WIDE = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64, num_attention_heads=4,
               num_key_value_heads=2)  # every input width a multiple of 256, as K-quants need
@@ -43,9 +44,9 @@ def test_the_adapter_finds_them_apart_from_the_layers(k_model, tied_model):
     assert [(c.key, c.kind, c.layer, c.shape) for c in a.outer] == [
         ("model.embed_tokens", "embed", -1, (4096, 256)), ("lm_head", "head", a.num_layers, (4096, 256))]
     assert not {c.key for c in a.outer} & {c.key for c in a.components}  # the layer stages never see them
-    assert a.weight("lm_head") is a.model.lm_head.weight and not a.tied_embeddings
+    assert a.weight("lm_head") is a.model.lm_head.weight
     tied = load_model(str(tied_model)).adapter
-    assert [c.kind for c in tied.outer] == ["embed"] and tied.tied_embeddings  # one tensor: GGUF's token_embd
+    assert [c.kind for c in tied.outer] == ["embed"]  # tied: one tensor, GGUF's token_embd
 
 
 def test_plan_arithmetic_by_hand(k_model):
@@ -155,17 +156,11 @@ def test_a_llamacpp_search_plans_and_exports_them(k_model, tmp_path, monkeypatch
     assert {"model.embed_tokens", "lm_head"} <= set(plan.bits)
     assert plan.avg_bits(a, over="plan") <= 3.5 + 1e-9
     types = dict(line.split("=") for line in lines(Context(plan, a, TARGETS["llamacpp"], "qwen3_moe", str(k_model))))
-    assert types[r"^token_embd\.weight$"] == ggml_type(plan.bits["model.embed_tokens"])
-    assert types[r"^output\.weight$"] == ggml_type(plan.bits["lm_head"])
+    assert types[r"^token_embd\.weight$"] == GGML_TYPES[plan.bits["model.embed_tokens"]]
+    assert types[r"^output\.weight$"] == GGML_TYPES[plan.bits["lm_head"]]
     without = Plan({c.key: 4 for c in a.components}, quant=_ggml())
     assert not any(line.startswith((r"^token_embd", r"^output"))
                    for line in lines(Context(without, a, TARGETS["llamacpp"], "qwen3_moe", str(k_model))))  # left to the base
-
-
-def ggml_type(bits: int) -> str:
-    from paretoq.quant.settings import GGML_TYPES
-
-    return GGML_TYPES[bits]
 
 
 def test_a_gptq_search_refuses_them_before_any_work(k_model, tmp_path):

@@ -8,9 +8,9 @@ adds 4-9% of KL (studies/llamacpp/activations.md), so `paretoq eval --gguf` scor
 llama.cpp computes it unless told ``--gguf-activations exact``.
 
 The rounding is applied where transformers multiplies: `torch.nn.functional.linear`, which
-``nn.Linear`` and the eager Experts modules both call. `rounded_linear_inputs` patches it for the
-duration and recognises a weight by its storage, so the experts of one layer, views of one stacked
-tensor, share one rounding (the coarser where their types differ).
+``nn.Linear`` and the eager Experts modules both call. `rounded_linear_inputs` intercepts it with a
+torch function mode for the duration and recognises a weight by its storage, so the experts of one
+layer, views of one stacked tensor, share one rounding (the coarser where their types differ).
 """
 
 from __future__ import annotations

@@ -41,12 +41,6 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
 
 
-def _whole(data: np.ndarray, qtype) -> np.ndarray:
-    from gguf.quants import dequantize
-
-    return dequantize(data, qtype)
-
-
 def _reader(path: Path):
     from gguf import GGUFReader
 
@@ -71,7 +65,7 @@ class GGUFWeights:
     def _dequantize(self, name: str, index: int | None = None) -> np.ndarray:
         t = self.tensors[name]
         data = t.data if index is None else t.data[index]  # experts: one expert's rows, not the whole tensor
-        return dequantize_rows(data, t.tensor_type) if data.ndim == 2 else _whole(data, t.tensor_type)
+        return dequantize_rows(data, t.tensor_type)
 
     def weight(self, c: Component) -> torch.Tensor:
         names = [f"{n}.weight" for n in gguf_names(c)]

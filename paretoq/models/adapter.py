@@ -151,7 +151,7 @@ class Adapter:
     def _add(self, component: Component, owner: nn.Module, proj: str, expert: int | None) -> None:
         if component.key in self._index:
             raise AssertionError(f"duplicate component key {component.key}")
-        self.components.append(component)
+        (self.outer if component.kind in OUTER_KINDS else self.components).append(component)
         self._index[component.key] = component
         self._weights[component.key] = (owner, proj, expert)
 
@@ -206,14 +206,6 @@ class Adapter:
             key = names[id(head)]
             self._add(Component(key, "head", self.num_layers, None, key.rpartition(".")[2], tuple(head.weight.shape)),
                       head, "weight", None)
-        # _add listed them with the decoder layers' components: keep those to the layers
-        self.outer = [c for c in self.components if c.kind in OUTER_KINDS]
-        self.components = [c for c in self.components if c.kind not in OUTER_KINDS]
-
-    @property
-    def tied_embeddings(self) -> bool:
-        """Whether the output head is the token embedding (one tensor: GGUF's ``token_embd`` alone)."""
-        return not any(c.kind == "head" for c in self.outer)
 
     # -- access -----------------------------------------------------------------------------------
     def has(self, key: str) -> bool:

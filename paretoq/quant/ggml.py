@@ -202,15 +202,15 @@ def dequantize(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def dequantize_rows(data: np.ndarray, qtype) -> np.ndarray:
-    """gguf's ``dequantize`` of a 2-D tensor of gguf type ``qtype``, a chunk of rows at a time into
-    one float32 output: in one call a 151,936-row embedding peaks at several times its float32 size."""
+    """gguf's ``dequantize`` of a tensor of gguf type ``qtype``, a chunk of its first axis at a time
+    into one float32 output: in one call a 151,936-row embedding peaks at several times its float32 size."""
     from gguf.quants import dequantize as gguf_dequantize
 
     step = max(1, DEQUANTIZE_CHUNK_BYTES // max(1, data[:1].nbytes))
     first = gguf_dequantize(data[:step], qtype).astype(np.float32, copy=False)
     if data.shape[0] <= step:
         return first
-    out = np.empty((data.shape[0], first.shape[-1]), dtype=np.float32)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
     out[:step] = first
     for start in range(step, data.shape[0], step):
         out[start : start + step] = gguf_dequantize(data[start : start + step], qtype)
